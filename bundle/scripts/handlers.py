@@ -1,0 +1,118 @@
+"""Ignite handlers of a MedSMILE round, each with ``attach(engine)`` like MONAI's own.
+
+- GradientClipHandler: grad-norm clipping between backward and optimizer step of a SupervisedTrainer.
+- PixelEntropyHandler: per-image mean pixel entropy of the evaluator's predictions (METHOD.md step 3).
+- KNNRefinementHandler: once the pool is predicted, replaces the most uncertain labels by a KNN vote (step 4).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.engines.utils import IterationEvents
+from monai.utils import CommonKeys
+
+from .refinement import RefinementPlan, mean_pixel_entropy, plan_refinement, refine_soft_label
+
+logger = logging.getLogger(__name__)
+
+
+class GradientClipHandler:
+    """Clip the global gradient norm after ``loss.backward()`` and before ``optimizer.step()``."""
+
+    def __init__(self, max_norm: float = 1.0):
+        self.max_norm = max_norm
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm)
+
+
+@dataclass
+class RoundPredictions:
+    """What one round predicts for the pool: class probabilities at the training size, uncertainty, refinement."""
+
+    probs: torch.Tensor  # (N, C, S, S) float16
+    uncertainty: np.ndarray  # (N,) mean pixel entropy, NaN until predicted
+    refined: dict[int, torch.Tensor] = field(default_factory=dict)  # pool index -> refined soft map (C, S, S)
+    plan: RefinementPlan | None = None
+
+    @classmethod
+    def empty(cls, n: int, num_classes: int, size: int) -> RoundPredictions:
+        return cls(torch.zeros((n, num_classes, size, size), dtype=torch.float16), np.full(n, np.nan))
+
+    def soft_label(self, i: int) -> torch.Tensor:
+        """The round's label of image i as class probabilities: refined if it was refined, else the raw prediction."""
+        return self.refined[i] if i in self.refined else self.probs[i].float()
+
+    def hard_labels(self) -> torch.Tensor:
+        """(N, S, S) uint8 labels for the next round."""
+        labels = self.probs.argmax(1).to(torch.uint8)
+        for i, soft in self.refined.items():
+            labels[i] = soft.argmax(0).to(torch.uint8)
+        return labels
+
+
+class PixelEntropyHandler:
+    """Stores each predicted image's class probabilities and its mean pixel entropy.
+
+    Reads ``engine.state.output[PRED]`` (log-probabilities or logits, softmaxed here) and the batch's ``index`` key.
+    """
+
+    def __init__(self, predictions: RoundPredictions):
+        self.predictions = predictions
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        probs = engine.state.output[CommonKeys.PRED].detach().float().softmax(dim=1).cpu()
+        index = torch.as_tensor(engine.state.batch["index"]).long()
+        self.predictions.probs[index] = probs.to(torch.float16)
+        self.predictions.uncertainty[index.numpy()] = mean_pixel_entropy(probs).double().numpy()
+
+
+class KNNRefinementHandler:
+    """At the end of the prediction pass, refines the uncertain images from their certain neighbours.
+
+    Images with U >= quantile(U, q) take the weighted vote of their K most similar certain images' raw labels
+    (weights max(0, cos) on the global DINOv2 features); certain images keep their raw labels.
+    """
+
+    def __init__(self, predictions: RoundPredictions, global_features: np.ndarray, quantile: float = 0.9, k: int = 5):
+        self.predictions = predictions
+        self.global_features = global_features
+        self.quantile = quantile
+        self.k = k
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine | None = None) -> None:
+        preds = self.predictions
+        if np.isnan(preds.uncertainty).any():
+            raise RuntimeError("refinement needs every pool image predicted; some have no uncertainty")
+        plan = plan_refinement(preds.uncertainty, self.global_features, self.quantile, self.k)
+        raw = preds.probs.argmax(1)
+        num_classes = preds.probs.shape[1]
+        for row, i in enumerate(plan.uncertain):
+            valid = plan.neighbours[row] >= 0
+            soft = refine_soft_label(
+                raw[plan.neighbours[row][valid]], torch.as_tensor(plan.weights[row][valid]), num_classes
+            )
+            if soft is not None:
+                preds.refined[int(i)] = soft
+        preds.plan = plan
+        logger.info(
+            "refinement: %d of %d images uncertain (U >= %.4f), %d refined",
+            len(plan.uncertain),
+            len(preds.uncertainty),
+            plan.threshold,
+            len(preds.refined),
+        )

@@ -1,0 +1,185 @@
+"""Mask2Former with a DINOv2 backbone, as a plain tensor-in / tensor-out segmentation network.
+
+MONAI inferers, ``ckpt_export``, MONAI Label and MONAI Deploy all expect ``network(x) -> (B, C, H, W)`` scores.
+The Hugging Face objects stay inside this wrapper: the rest of the bundle never sees ``ModelOutput``.
+
+DINOv2 emits a single stride-14 token grid, while Mask2Former's pixel decoder wants four scales. A ViTDet-style
+simple feature pyramid (two transposed convolutions up, one max-pool down) builds them from the last layer, so mask
+logits come out at a quarter of the token stride instead of being stuck at stride 14.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+from torch import nn
+from transformers import Dinov2Config, Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+from transformers.models.mask2former.modeling_mask2former import Mask2FormerPixelDecoder
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_encoder_config(encoder_config: str | os.PathLike | dict | Dinov2Config) -> Dinov2Config:
+    """A Dinov2Config from a config object, a dict, a ``config.json`` file or a Hugging Face model folder."""
+    if isinstance(encoder_config, Dinov2Config):
+        return encoder_config
+    if isinstance(encoder_config, dict):
+        return Dinov2Config(**{k: v for k, v in encoder_config.items() if k not in ("architectures", "model_type")})
+    path = os.fspath(encoder_config)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"encoder config not found: {path}")
+    with open(path) as f:
+        return load_encoder_config(json.load(f))
+
+
+class LayerNorm2d(nn.GroupNorm):
+    """Channel LayerNorm for (B, C, H, W) maps (GroupNorm with one group normalises over C, H, W; ViTDet uses C)."""
+
+    def __init__(self, channels: int):
+        super().__init__(1, channels)
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """ViTDet simple feature pyramid on a DINOv2 backbone: one token grid -> four maps at x4, x2, x1, x0.5.
+
+    Looks like a transformers backbone to Mask2Former (``.channels`` and an output with ``.feature_maps``).
+    """
+
+    def __init__(self, backbone: nn.Module, hidden_size: int):
+        super().__init__()
+        self.backbone = backbone
+        c = hidden_size
+        self.up4 = nn.Sequential(
+            nn.ConvTranspose2d(c, c, kernel_size=2, stride=2),
+            LayerNorm2d(c),
+            nn.GELU(),
+            nn.ConvTranspose2d(c, c, kernel_size=2, stride=2),
+        )
+        self.up2 = nn.ConvTranspose2d(c, c, kernel_size=2, stride=2)
+        self.down2 = nn.MaxPool2d(kernel_size=2, stride=2)
+        self.channels = [c, c, c, c]
+
+    def forward(self, pixel_values: torch.Tensor):
+        grid = self.backbone(pixel_values).feature_maps[-1]
+        maps = (self.up4(grid), self.up2(grid), grid, self.down2(grid))
+        return _FeatureMaps(maps)
+
+
+class _FeatureMaps:
+    """The one attribute Mask2Former reads from a backbone output."""
+
+    def __init__(self, feature_maps):
+        self.feature_maps = feature_maps
+
+
+class Mask2FormerDinov2(nn.Module):
+    """Mask2Former (transformers) + DINOv2 backbone; input (B, 3, H, W) in [0, 1], output (B, C, H, W) log-probabilities.
+
+    The output is the log of Mask2Former's semantic map (sum over queries of class probability times sigmoid mask),
+    renormalised over classes, so ``softmax(output)`` is that per-class probability map: losses, argmax and the
+    pixel entropy of METHOD.md all read the same numbers. H and W must be multiples of the patch size (14).
+
+    Args:
+        num_classes: C, background included.
+        encoder_config: Dinov2Config, dict, config.json path or HF model folder (architecture only).
+        encoder_weights: optional HF Dinov2 folder whose weights initialise the backbone (each round starts here).
+        num_queries, decoder_layers, hidden_dim, pixel_decoder_layers: Mask2Former size; small values keep CPU
+            runs practical.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        encoder_config,
+        encoder_weights: str | os.PathLike | None = None,
+        num_queries: int = 16,
+        decoder_layers: int = 4,
+        hidden_dim: int = 128,
+        pixel_decoder_layers: int = 2,
+        num_heads: int = 4,
+    ):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (background + at least one class), got {num_classes}")
+        enc_cfg = load_encoder_config(encoder_config)
+        backbone_cfg = Dinov2Config(
+            **{**enc_cfg.to_dict(), "out_features": [f"stage{enc_cfg.num_hidden_layers}"], "out_indices": None}
+        )
+        m2f_cfg = _mask2former_config(
+            backbone_config=backbone_cfg,
+            num_labels=num_classes,
+            num_queries=num_queries,
+            decoder_layers=decoder_layers,
+            hidden_dim=hidden_dim,
+            feature_size=hidden_dim,
+            mask_feature_size=hidden_dim,
+            encoder_layers=pixel_decoder_layers,
+            encoder_feedforward_dim=4 * hidden_dim,
+            dim_feedforward=4 * hidden_dim,
+            num_attention_heads=num_heads,
+        )
+        self.num_classes = num_classes
+        self.patch_size = enc_cfg.patch_size
+        self.mask2former = Mask2FormerForUniversalSegmentation(m2f_cfg)
+        pixel_module = self.mask2former.model.pixel_level_module
+        pixel_module.encoder = SimpleFeaturePyramid(pixel_module.encoder, enc_cfg.hidden_size)
+        # The pixel decoder was sized for one backbone map; rebuild it for the pyramid's four, initialised the
+        # way transformers initialises it.
+        pixel_module.decoder = Mask2FormerPixelDecoder(m2f_cfg, feature_channels=pixel_module.encoder.channels)
+        pixel_module.decoder.apply(self.mask2former._init_weights)
+        if encoder_weights is not None:
+            self.load_encoder_weights(encoder_weights)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.mask2former.model.pixel_level_module.encoder.backbone
+
+    def load_encoder_weights(self, encoder_weights: str | os.PathLike) -> None:
+        """Initialise the DINOv2 backbone from a Hugging Face Dinov2Model folder (Dinov2Model and Dinov2Backbone
+        share parameter names: embeddings, encoder, layernorm)."""
+        from transformers import Dinov2Model
+
+        state = Dinov2Model.from_pretrained(os.fspath(encoder_weights)).state_dict()
+        missing, _ = self.backbone.load_state_dict(state, strict=False)
+        if missing:
+            raise RuntimeError(f"encoder weights in {encoder_weights} lack backbone parameters: {missing[:5]}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"input size {h}x{w} is not a multiple of the patch size {self.patch_size}")
+        out = self.mask2former(pixel_values=(x - self.mean) / self.std)
+        class_probs = out.class_queries_logits.softmax(dim=-1)[..., :-1]  # drop the "no object" class
+        mask_probs = out.masks_queries_logits.sigmoid()
+        semantic = torch.einsum("bqc,bqhw->bchw", class_probs, mask_probs)
+        semantic = nn.functional.interpolate(semantic, size=(h, w), mode="bilinear", align_corners=False)
+        semantic = semantic.clamp_min(1e-6)
+        return torch.log(semantic / semantic.sum(dim=1, keepdim=True))
+
+
+def _mask2former_config(**kwargs) -> Mask2FormerConfig:
+    """Mask2FormerConfig without its warning that only Swin backbones are "supported": the feature pyramid above is
+    what makes a DINOv2 backbone fit."""
+    logger = logging.getLogger("transformers.models.mask2former.configuration_mask2former")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return Mask2FormerConfig(**kwargs)
+    finally:
+        logger.setLevel(level)
+
+
+def network_from_file(path: str | os.PathLike) -> Mask2FormerDinov2:
+    """The network a run trained, rebuilt from the ``models/network.json`` it wrote (architecture only; load
+    ``models/model.pt`` into it). Used by ``network_def`` in inference.json and evaluate.json."""
+    with open(path) as f:
+        spec = json.load(f)
+    return Mask2FormerDinov2(**spec)

@@ -1,0 +1,60 @@
+"""Uncertainty-guided KNN refinement of one round's pseudo-labels (METHOD.md, "Rounds", steps 3-4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import torch
+
+
+def mean_pixel_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """U = mean over pixels of -sum_c p_c log p_c, for class probabilities (B, C, H, W) -> (B,). 0 log 0 = 0."""
+    plogp = torch.where(probs > 0, probs * probs.clamp_min(1e-12).log(), torch.zeros_like(probs))
+    return -plogp.sum(dim=1).flatten(1).mean(dim=1)
+
+
+@dataclass
+class RefinementPlan:
+    """Who is uncertain, their neighbours among the certain images, and the neighbour weights."""
+
+    threshold: float
+    uncertain: np.ndarray  # indices into the pool, ascending
+    neighbours: np.ndarray  # (len(uncertain), K) pool indices of certain images, -1 where fewer than K exist
+    weights: np.ndarray  # (len(uncertain), K) max(0, cosine), 0 where no neighbour
+
+
+def plan_refinement(
+    uncertainty: np.ndarray, global_features: np.ndarray, quantile: float = 0.9, k: int = 5
+) -> RefinementPlan:
+    """Images with U >= quantile(U, q) are uncertain; each gets its K nearest certain images by inner product on
+    L2-normalised global features (faiss IndexFlatIP), weighted by max(0, cos)."""
+    uncertainty = np.asarray(uncertainty, dtype=np.float64)
+    feats = np.ascontiguousarray(global_features, dtype=np.float32)
+    threshold = float(np.quantile(uncertainty, quantile))
+    uncertain_mask = uncertainty >= threshold
+    uncertain = np.flatnonzero(uncertain_mask)
+    certain = np.flatnonzero(~uncertain_mask)
+    neighbours = np.full((len(uncertain), k), -1, dtype=np.int64)
+    weights = np.zeros((len(uncertain), k), dtype=np.float32)
+    if len(uncertain) and len(certain):
+        index = faiss.IndexFlatIP(feats.shape[1])
+        index.add(feats[certain])
+        kk = min(k, len(certain))
+        sims, idx = index.search(feats[uncertain], kk)
+        neighbours[:, :kk] = certain[idx]
+        weights[:, :kk] = np.maximum(sims, 0.0)
+    return RefinementPlan(threshold, uncertain, neighbours, weights)
+
+
+def refine_soft_label(neighbour_labels: torch.Tensor, weights: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+    """Weighted mean of the neighbours' one-hot labels: (K, H, W) ints and (K,) weights -> (C, H, W) soft map.
+
+    Returns None when every weight is zero (no neighbour is similar at all): the raw label is kept then.
+    """
+    total = float(weights.sum())
+    if total <= 0:
+        return None
+    onehot = torch.nn.functional.one_hot(neighbour_labels.long(), num_classes).permute(0, 3, 1, 2).float()
+    return torch.einsum("k,kchw->chw", weights.float(), onehot) / total

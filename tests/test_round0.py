@@ -1,0 +1,60 @@
+"""Round 0 (prototypes, cosine maps, softmax) against hand computations on a 2x2 feature grid."""
+
+import math
+
+import pytest
+import torch
+from scripts.prototypes import check_reference_label, class_prototypes, prototype_scores, soft_labels
+
+
+def test_prototypes_and_scores_match_hand_computation():
+    # D=2 features on a 2x2 grid, already unit length: left column points along x, right column along y.
+    feats = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]])  # (D=2, h=2, w=2)
+    # label at 4x4 resolution: right half is class 1 -> nearest resize to 2x2 gives [[0, 1], [0, 1]]
+    label = torch.tensor([[0, 0, 1, 1]] * 4)
+    protos = class_prototypes([feats], [label], num_classes=2)
+    # class 0 cells are the left column: features (1, 0) -> p0 = (1, 0); class 1: right column -> p1 = (0, 1)
+    assert torch.allclose(protos, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+
+    query = torch.tensor([[[0.6, 0.0], [1.0, 0.0]], [[0.8, 1.0], [0.0, 1.0]]])[None]  # (1, 2, 2, 2)
+    scores = prototype_scores(query, protos)
+    # S_0 = F . p0 = x component, S_1 = y component
+    assert torch.allclose(scores[0, 0], torch.tensor([[0.6, 0.0], [1.0, 0.0]]))
+    assert torch.allclose(scores[0, 1], torch.tensor([[0.8, 1.0], [0.0, 1.0]]))
+
+    soft = soft_labels(scores, (2, 2))  # same size: bilinear is the identity, only the softmax acts
+    p1 = math.exp(0.8) / (math.exp(0.6) + math.exp(0.8))
+    assert soft[0, 1, 0, 0].item() == pytest.approx(p1, abs=1e-6)
+    assert torch.allclose(soft.sum(1), torch.ones(1, 2, 2))
+    assert soft.argmax(1).tolist() == [[[1, 1], [0, 1]]]
+
+
+def test_prototype_is_normalised_mean_over_class_cells():
+    feats = torch.tensor([[[1.0, 0.6]], [[0.0, 0.8]]])  # (D=2, h=1, w=2), both cells class 1
+    label = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0]])  # 2x4 -> 1x2 nearest: [[1, 0]]
+    protos = class_prototypes([feats], [label], num_classes=2)
+    assert torch.allclose(protos[1], torch.tensor([1.0, 0.0]))
+    assert torch.allclose(protos[0], torch.tensor([0.6, 0.8]))
+    # pooled over two references, the class-1 sum is (1, 0) + (0.6, 0.8) = (1.6, 0.8) -> normalised
+    protos2 = class_prototypes([feats, feats], [label, 1 - label], num_classes=2)
+    expected = torch.tensor([1.6, 0.8]) / math.hypot(1.6, 0.8)
+    assert torch.allclose(protos2[1], expected) and torch.allclose(protos2[0], expected)
+
+
+def test_multiclass_upsampling_is_bilinear_then_softmax():
+    scores = torch.tensor([[[[0.0, 1.0]], [[1.0, 0.0]], [[0.5, 0.5]]]])  # (1, C=3, 1, 2)
+    soft = soft_labels(scores, (1, 4))
+    assert soft.shape == (1, 3, 1, 4)
+    # align_corners=False bilinear at x=0.25 of the 2-pixel row: first output pixel = first input value
+    assert torch.allclose(soft[0, :, 0, 0], torch.softmax(torch.tensor([0.0, 1.0, 0.5]), 0))
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [([0, 1, 3], "values [3] are outside 0..2"), ([0, 2], "classes [1] are absent"), ([-1, 0, 1, 2], "[-1]")],
+)
+def test_bad_reference_labels_are_rejected(values, message):
+    label = torch.tensor(values)
+    with pytest.raises(ValueError, match="ref.png") as err:
+        check_reference_label(label, 3, name="reference label ref.png")
+    assert message in str(err.value)
