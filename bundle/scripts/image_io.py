@@ -1,0 +1,601 @@
+"""Reading bundle inputs into 2-D slices and writing label maps back with the input's geometry.
+
+All reading goes through :class:`monai.transforms.LoadImage` with an explicitly chosen MONAI reader and all
+writing through MONAI writers (:class:`monai.data.PILWriter`, :class:`monai.data.NibabelWriter`).
+
+Conventions (MONAI's, used consistently everywhere in the bundle):
+
+* Arrays are in MONAI *spatial order*: a 2-D image file comes back as ``(X, Y) = (width, height)`` (``PILReader``
+  and ``ITKReader`` both use ``reverse_indexing``), i.e. the transpose of ``numpy.asarray(PIL.Image.open(f))``.
+  DICOM comes back as ``(columns, rows[, slices])``, NIfTI in its voxel order.
+* A slice is ``float32 (3, X, Y)`` in ``[0, 1]``. A volume ``(X, Y, Z)`` is cut along ``slice_axis``; the slice
+  keeps the two remaining axes in their original order.
+* Labels are ``int64`` arrays in the same spatial order.
+
+Readers used per input type (``LoadImage(...)(path, reader=...)``; the next one is tried only if the first fails):
+
+* ``.png .jpg .jpeg .bmp``: ``PILReader`` (MONAI's default pick for these suffixes).
+* ``.tif .tiff``: ``ITKReader`` (MONAI's default pick), then ``PILReader``.
+* ``.nii .nii.gz``: ``NibabelReader`` (no reorientation, so the affine is the file's own).
+* DICOM file (``.dcm``/``.dicom``/``.ima`` or no suffix with a ``DICM`` preamble) or DICOM series folder:
+  ``PydicomReader``, then ``ITKReader``. Both report the same RAS affine for a series.
+
+Output format: NIfTI inputs and all 3-D inputs are written as ``.nii.gz`` with the input's affine; other 2-D inputs
+(image files, single-frame DICOM) as a ``uint8`` ``.png`` that PIL shows in the input image's orientation.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DICOM_SUFFIXES",
+    "IMAGE_SUFFIXES",
+    "NIFTI_SUFFIXES",
+    "Case",
+    "label_slices",
+    "list_inputs",
+    "read_case",
+    "read_label",
+    "write_label",
+]
+
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+TIFF_SUFFIXES = (".tif", ".tiff")
+IMAGE_SUFFIXES = PIL_SUFFIXES + TIFF_SUFFIXES
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+# Above this many values the percentiles are estimated on a regular subsample (deterministic, much faster).
+_PERCENTILE_MAX_SAMPLES = 1 << 22
+_LOW_PERCENTILE, _HIGH_PERCENTILE = 0.5, 99.5
+
+
+@dataclass
+class Case:
+    """One input (image file, NIfTI file, DICOM file or DICOM series folder) and what is needed to write it back."""
+
+    source: str  # path of the file or DICOM series folder
+    name: str  # output name relative to the dataset root, without extension (e.g. "sub/img01", "series_a")
+    is_volume: bool  # True for 3-D inputs (written back as NIfTI), False for 2-D (one slice)
+    slice_axis: int | None  # spatial axis the volume is cut along; None for 2-D inputs
+    spatial_shape: tuple[int, ...]  # MONAI spatial shape of the input as read (2 or 3 entries)
+    meta: dict = field(default_factory=dict)  # geometry for the writer: affine, original_affine, spacing, ...
+
+    def num_slices(self) -> int:
+        if self.is_volume:
+            return int(self.spatial_shape[self.slice_axis])
+        return 1
+
+    @property
+    def slice_shape(self) -> tuple[int, int]:
+        """Spatial shape ``(X, Y)`` of one slice (and of each label slice given to :func:`write_label`)."""
+        if self.is_volume:
+            return tuple(s for i, s in enumerate(self.spatial_shape) if i != self.slice_axis)  # type: ignore[return-value]
+        squeezed = self.meta.get("squeezed_axis")
+        if squeezed is None:
+            return tuple(self.spatial_shape)  # type: ignore[return-value]
+        return tuple(s for i, s in enumerate(self.spatial_shape) if i != squeezed)  # type: ignore[return-value]
+
+    @property
+    def output_suffix(self) -> str:
+        return ".nii.gz" if self.meta.get("output_format") == "nifti" else ".png"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# input kinds and listing
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _lower_suffix(path: str | os.PathLike) -> str:
+    """The supported suffix of ``path`` (lower case, ``.nii.gz`` as one), or ``""``."""
+    name = os.path.basename(os.fspath(path)).lower()
+    for suffix in NIFTI_SUFFIXES + IMAGE_SUFFIXES + DICOM_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return suffix
+    return ""
+
+
+def _split_name(path: str | os.PathLike) -> tuple[str, str]:
+    """``(stem, suffix)`` with the suffix as written in the file name (``.nii.gz`` counted as one suffix)."""
+    name = os.path.basename(os.path.normpath(os.fspath(path)))
+    suffix = _lower_suffix(name)
+    if suffix:
+        return name[: -len(suffix)], name[-len(suffix) :]
+    return name, ""
+
+
+def _has_dicom_preamble(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _is_dicom_file(path: str) -> bool:
+    suffix = _lower_suffix(path)
+    if suffix in DICOM_SUFFIXES:
+        return True
+    if suffix == "" and "." not in os.path.basename(path):  # DICOM files exported without a suffix
+        return _has_dicom_preamble(path)
+    return False
+
+
+def _series_uid(path: str) -> str | None:
+    """SeriesInstanceUID of a DICOM file ("" if absent), or None if the header cannot be parsed."""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+    except Exception:  # noqa: BLE001 - an unreadable file is reported later by read_case
+        return None
+    return str(getattr(ds, "SeriesInstanceUID", "") or "")
+
+
+def _dicom_files_in(folder: str) -> list[str]:
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return []
+    return [e.path for e in entries if not e.name.startswith(".") and e.is_file() and _is_dicom_file(e.path)]
+
+
+def _is_series_folder(dicom_files: Sequence[str]) -> bool:
+    """A folder is one DICOM series when it holds 2+ DICOM files that all share one SeriesInstanceUID.
+
+    Files whose header cannot be parsed are ignored here (they surface as read errors of the series). A folder with
+    several series (e.g. one 2-D radiograph per file) is listed file by file instead.
+    """
+    if len(dicom_files) < 2:
+        return False
+    uids = {uid for uid in (_series_uid(f) for f in dicom_files) if uid is not None}
+    return len(uids) <= 1
+
+
+def list_inputs(dataset_dir: str | os.PathLike) -> list[str]:
+    """Image files, NIfTI files, DICOM files and DICOM series folders under ``dataset_dir`` (recursive), sorted.
+
+    Hidden files and folders (name starting with ``.``) are skipped. A folder whose DICOM files form one series is
+    returned once (the folder path) instead of its files; its sub-folders are still searched.
+    """
+    root = os.fspath(dataset_dir)
+    if not os.path.isdir(root):
+        raise ValueError(f"Dataset folder {root!r} does not exist or is not a folder")
+    found: list[str] = []
+    for current, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        visible = sorted(f for f in files if not f.startswith("."))
+        dicom = [os.path.join(current, f) for f in visible if _is_dicom_file(os.path.join(current, f))]
+        if _is_series_folder(dicom):
+            if os.path.normpath(current) == os.path.normpath(root):
+                logger.warning("DICOM files directly in the dataset root %s are read as one series", root)
+            found.append(current)
+        else:
+            found.extend(dicom)
+        found.extend(os.path.join(current, f) for f in visible if _lower_suffix(f) in IMAGE_SUFFIXES + NIFTI_SUFFIXES)
+    return sorted(found)
+
+
+def _input_stem(path: str) -> tuple[str, str] | None:
+    """(stem, suffix tag) if ``path`` is something :func:`list_inputs` would return, else None."""
+    base = os.path.basename(os.path.normpath(path))
+    if base.startswith("."):
+        return None
+    if os.path.isdir(path):
+        return (base, "dcm") if _is_series_folder(_dicom_files_in(path)) else None
+    stem, suffix = _split_name(path)
+    if _lower_suffix(path) in IMAGE_SUFFIXES + NIFTI_SUFFIXES or _is_dicom_file(path):
+        return stem, (suffix.lstrip(".").replace(".", "_") or "noext")
+    return None
+
+
+def _case_name(path: str, dataset_root: str | os.PathLike | None) -> str:
+    """Output name: the path relative to ``dataset_root`` without suffix, using ``/`` as separator.
+
+    When a sibling input has the same stem (``a.png`` and ``a.jpg``, or a series folder ``a`` next to ``a.nii.gz``)
+    the suffix is appended (``a_png``, ``a_jpg``, ``a_dcm``) so that every case in a dataset gets its own output.
+    """
+    path = os.path.normpath(path)
+    parent = os.path.dirname(path)
+    stem, suffix = _split_name(path)
+    tag = (_input_stem(path) or (stem, suffix.lstrip(".").replace(".", "_") or "noext"))[1]
+    # Probe the few names that could collide instead of listing the folder (cheap for folders with many files).
+    candidates = {os.path.join(parent, stem)}
+    for sfx in NIFTI_SUFFIXES + IMAGE_SUFFIXES + DICOM_SUFFIXES:
+        candidates.update(os.path.join(parent, stem + s) for s in (sfx, sfx.upper()))
+    candidates.discard(path)
+    if any(os.path.exists(c) and not os.path.samefile(c, path) and _input_stem(c) is not None for c in candidates):
+        stem = f"{stem}_{tag}"
+    rel_parent = ""
+    if dataset_root is not None:
+        rel = os.path.relpath(parent or ".", os.fspath(dataset_root))
+        if rel != "." and rel != ".." and not rel.startswith(".." + os.sep):
+            rel_parent = rel
+    return Path(rel_parent, stem).as_posix() if rel_parent else stem
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# loading through MONAI
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _pil_image_mode(img):
+    """PILReader converter for images: palette/LA/bilevel/CMYK... to L, RGB or RGBA; 16-bit and float kept."""
+    mode = img.mode
+    if mode == "P":
+        return img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if mode == "PA":
+        return img.convert("RGBA")
+    if mode in ("1", "LA", "La"):
+        return img.convert("L")
+    if mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa"):
+        return img.convert("RGB")
+    return img
+
+
+def _pil_label_mode(img):
+    """PILReader converter for labels: palette PNGs keep their indices, bilevel -> 0/255 grey, LA -> L."""
+    if img.mode in ("1", "LA", "La"):
+        return img.convert("L")
+    if img.mode == "PA":
+        return img.convert("P")
+    return img
+
+
+@functools.lru_cache(maxsize=1)
+def _loader():
+    from monai.transforms import LoadImage
+
+    # dtype=None keeps the stored dtype (uint8 vs 16-bit vs float decides the intensity scaling).
+    return LoadImage(image_only=True, ensure_channel_first=True, dtype=None)
+
+
+def _readers(kind: str, for_label: bool) -> list:
+    from monai.data import ITKReader, NibabelReader, PILReader, PydicomReader
+
+    if kind == "pil":
+        return [PILReader(converter=_pil_label_mode if for_label else _pil_image_mode)]
+    if kind == "tiff":
+        return [ITKReader(), PILReader(converter=_pil_label_mode if for_label else _pil_image_mode)]
+    if kind == "nifti":
+        return [NibabelReader(as_closest_canonical=False, squeeze_non_spatial_dims=False)]
+    if kind == "dicom":
+        return [PydicomReader(), ITKReader()]
+    raise AssertionError(kind)
+
+
+def _input_kind(path: str) -> str:
+    if os.path.isdir(path):
+        if not _dicom_files_in(path):
+            raise ValueError(f"Cannot read {path}: folder contains no DICOM files")
+        return "dicom"
+    suffix = _lower_suffix(path)
+    if suffix in PIL_SUFFIXES:
+        return "pil"
+    if suffix in TIFF_SUFFIXES:
+        return "tiff"
+    if suffix in NIFTI_SUFFIXES:
+        return "nifti"
+    if _is_dicom_file(path) or _has_dicom_preamble(path):
+        return "dicom"
+    raise ValueError(
+        f"Cannot read {path}: unsupported file type (supported: {', '.join(IMAGE_SUFFIXES + NIFTI_SUFFIXES)}, "
+        "DICOM files and DICOM series folders)"
+    )
+
+
+def _load(path: str, for_label: bool = False):
+    """Load ``path`` with LoadImage -> (channel-first numpy array, meta dict, reader name, kind)."""
+    if not os.path.exists(path):
+        raise ValueError(f"Cannot read {path}: no such file or folder")
+    kind = _input_kind(path)
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ValueError(f"Cannot read {path}: file is empty (0 bytes)")
+    errors = []
+    for reader in _readers(kind, for_label):
+        try:
+            img = _loader()(path, reader=reader)
+            data = img.detach().cpu().numpy() if hasattr(img, "detach") else np.asarray(img)
+            meta = dict(getattr(img, "meta", {}))
+            if hasattr(img, "affine"):
+                meta["affine"] = np.asarray(img.affine, dtype=np.float64)
+            return data, meta, type(reader).__name__, kind
+        except Exception as e:  # noqa: BLE001 - every reader failure is reported together below
+            reason = " ".join(str(e).split()) or type(e).__name__
+            errors.append(f"{type(reader).__name__}: {type(e).__name__}: {reason[:500]}")
+    raise ValueError(f"Cannot read {path}: {'; '.join(errors)}")
+
+
+def _to_spatial(data: np.ndarray, path: str, kind: str) -> np.ndarray:
+    """Check the channel-first array from LoadImage: at most 3 spatial dims and no 4th (time/volume) dimension."""
+    if data.ndim < 3:
+        raise ValueError(f"Cannot read {path}: expected at least 2 spatial dimensions, got shape {data.shape}")
+    while data.ndim > 4 and data.shape[-1] == 1:  # trailing singleton dims beyond 3-D, e.g. NIfTI (X, Y, Z, 1, 1)
+        data = data[..., 0]
+    channels = data.shape[0]
+    if data.ndim > 4:
+        raise ValueError(
+            f"{path}: {data.ndim - 1}-D data with shape {data.shape[1:]} is not supported (only 2-D and 3-D)"
+        )
+    if kind == "nifti" and channels > 1:
+        raise ValueError(
+            f"{path}: 4-D volume (spatial shape {tuple(data.shape[1:])} x {channels} volumes/time points) is not "
+            "supported; split it into 3-D volumes"
+        )
+    return data
+
+
+def _check_finite(data: np.ndarray, path: str) -> None:
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        n_nan = int(np.isnan(data).sum())
+        n_inf = int(np.isinf(data).sum())
+        raise ValueError(f"{path}: intensities contain non-finite values ({n_nan} NaN, {n_inf} Inf)")
+
+
+def _percentile_range(data: np.ndarray) -> tuple[float, float]:
+    flat = data.reshape(-1)
+    if flat.size > _PERCENTILE_MAX_SAMPLES:
+        flat = flat[:: flat.size // _PERCENTILE_MAX_SAMPLES + 1]
+    lo, hi = np.percentile(flat, [_LOW_PERCENTILE, _HIGH_PERCENTILE])
+    lo, hi = float(lo), float(hi)
+    if hi <= lo:  # (almost) constant at the percentiles, e.g. sparse bright spots on a flat background
+        lo, hi = float(data.min()), float(data.max())
+    return lo, hi
+
+
+def _scale_intensity(data: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+    """8-bit -> /255; anything else -> per-case 0.5/99.5 percentile window clipped to [0, 1]; constant -> zeros."""
+    if data.dtype == np.uint8:
+        return data.astype(np.float32) / np.float32(255.0), (0.0, 255.0)
+    if data.dtype == np.bool_:
+        return data.astype(np.float32), (0.0, 1.0)
+    values = data.astype(np.float32, copy=False)
+    lo, hi = _percentile_range(values)
+    if hi <= lo:
+        return np.zeros(values.shape, dtype=np.float32), (lo, hi)
+    out = (values - np.float32(lo)) / np.float32(hi - lo)
+    np.clip(out, 0.0, 1.0, out=out)
+    return out.astype(np.float32, copy=False), (lo, hi)
+
+
+def _to_rgb(data: np.ndarray, path: str) -> np.ndarray:
+    """(C, ...) -> (3, ...): grey repeated, grey+alpha -> grey, RGBA -> RGB."""
+    channels = data.shape[0]
+    if channels == 1:
+        return np.repeat(data, 3, axis=0)
+    if channels == 2:  # grey + alpha
+        return np.repeat(data[:1], 3, axis=0)
+    if channels in (3, 4):
+        return data[:3]
+    raise ValueError(f"{path}: unsupported number of channels {channels} (expected 1, 2, 3 or 4)")
+
+
+def _squeezable_axis(spatial_shape: Sequence[int], slice_axis: int) -> int | None:
+    """For a 3-D shape with a singleton axis (a 2-D image stored as 3-D), the axis to drop; else None."""
+    if len(spatial_shape) != 3:
+        return None
+    if spatial_shape[slice_axis] == 1:
+        return slice_axis
+    for axis in (2, 0, 1):
+        if spatial_shape[axis] == 1:
+            return axis
+    return None
+
+
+def _geometry(meta: dict, ndim: int) -> dict:
+    affine = np.asarray(meta.get("affine", np.eye(4)), dtype=np.float64)
+    original = meta.get("original_affine")
+    original = affine if original is None else np.asarray(original, dtype=np.float64)
+    spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :ndim], axis=0))
+    # plain lists keep Case.meta small and serialisable (JSON, pickle for worker processes)
+    return {"affine": affine.tolist(), "original_affine": original.tolist(), "spacing": spacing}
+
+
+def read_case(
+    path: str | os.PathLike, slice_axis: int = 2, dataset_root: str | os.PathLike | None = None
+) -> tuple[Case, list[np.ndarray]]:
+    """Read one input into a :class:`Case` and its 2-D slices, each ``float32 (3, X, Y)`` in ``[0, 1]``.
+
+    2-D inputs (and 3-D inputs with a singleton axis) give one slice; 3-D volumes are cut along ``slice_axis``
+    (spatial axis 0, 1 or 2). Raises ``ValueError`` naming the file for unreadable/empty/truncated files, 4-D data
+    and non-finite intensities.
+    """
+    path = os.fspath(path)
+    if slice_axis not in (0, 1, 2):
+        raise ValueError(f"slice_axis must be 0, 1 or 2, got {slice_axis!r}")
+    data, meta, reader_name, kind = _load(path)
+    data = _to_spatial(data, path, kind)
+    _check_finite(data, path)
+    spatial_shape = tuple(int(s) for s in data.shape[1:])
+    squeezed = _squeezable_axis(spatial_shape, slice_axis)
+    is_volume = len(spatial_shape) == 3 and squeezed is None
+    if data.shape[0] > 4:
+        raise ValueError(f"{path}: unsupported number of channels {data.shape[0]} (expected 1, 2, 3 or 4)")
+    scaled, window = _scale_intensity(data)
+    # channels are expanded per slice, so a large volume is not held three times in memory
+    if is_volume:
+        planes = [np.take(scaled, i, axis=slice_axis + 1) for i in range(spatial_shape[slice_axis])]
+    elif squeezed is not None:
+        planes = [np.take(scaled, 0, axis=squeezed + 1)]
+    else:
+        planes = [scaled]
+    slices = [np.ascontiguousarray(_to_rgb(p, path)) for p in planes]
+    case_meta = _geometry(meta, len(spatial_shape))
+    case_meta.update(
+        {
+            "reader": reader_name,
+            "input_kind": kind,
+            "output_format": "nifti" if (is_volume or kind == "nifti") else "png",
+            "squeezed_axis": squeezed,
+            "dtype": str(data.dtype),
+            "channels": int(data.shape[0]),
+            "intensity_window": (float(window[0]), float(window[1])),
+        }
+    )
+    case = Case(
+        source=path,
+        name=_case_name(path, dataset_root),
+        is_volume=is_volume,
+        slice_axis=slice_axis if is_volume else None,
+        spatial_shape=spatial_shape,
+        meta=case_meta,
+    )
+    return case, slices
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# labels
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _same_up_to_singletons(a: Sequence[int], b: Sequence[int]) -> bool:
+    return [s for s in a if s != 1] == [s for s in b if s != 1]
+
+
+def read_label(
+    path: str | os.PathLike, spatial_shape: Sequence[int] | None = None, binarize: bool = True
+) -> np.ndarray:
+    """Read a label map as ``int64`` in MONAI spatial order (same reader choice as :func:`read_case`).
+
+    Multi-channel (RGB/RGBA) masks use their first channel; palette PNGs keep their indices. A map with exactly two
+    values ``{0, k}`` (k > 1, e.g. 0/255 masks) or only the value 255 becomes ``{0, 1}``. With ``spatial_shape`` given
+    (e.g. ``case.spatial_shape``) the label must match it (singleton axes aside) and is returned with that shape.
+    Pass ``binarize=False`` to keep class indices as stored (e.g. reading back a multi-class map written by
+    :func:`write_label`, where ``{0, 2}`` means "only class 2 present").
+    """
+    path = os.fspath(path)
+    data, _meta, _reader, kind = _load(path, for_label=True)
+    data = _to_spatial(data, path, kind)
+    label = data[0]
+    if np.issubdtype(label.dtype, np.floating):
+        _check_finite(label, path)
+        label = np.rint(label)
+    label = label.astype(np.int64)
+    if label.size and label.min() < 0:
+        raise ValueError(f"{path}: label contains negative values (min {int(label.min())})")
+    values = np.unique(label)
+    two_valued = len(values) == 2 and values[0] == 0 and values[1] > 1
+    if binarize and (two_valued or (len(values) == 1 and values[0] == 255)):
+        label = (label > 0).astype(np.int64)
+    if spatial_shape is not None:
+        expected = tuple(int(s) for s in spatial_shape)
+        if tuple(label.shape) != expected:
+            if not _same_up_to_singletons(label.shape, expected):
+                raise ValueError(
+                    f"{path}: label spatial shape {tuple(label.shape)} does not match the image spatial shape "
+                    f"{expected}"
+                )
+            label = label.reshape(expected)
+    return label
+
+
+def label_slices(case: Case, label: np.ndarray) -> list[np.ndarray]:
+    """Cut a label map (``case.spatial_shape``) into the same 2-D slices :func:`read_case` produced."""
+    label = np.asarray(label)
+    if tuple(label.shape) != tuple(case.spatial_shape):
+        raise ValueError(f"{case.source}: label shape {label.shape} != case spatial shape {case.spatial_shape}")
+    if case.is_volume:
+        return [np.take(label, i, axis=case.slice_axis) for i in range(case.num_slices())]
+    return [label.reshape(case.slice_shape)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# writing
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _temp_path(final: str, suffix: str) -> str:
+    """Hidden temporary name next to ``final`` that keeps the suffix (writers pick the format from it)."""
+    folder, base = os.path.split(final)
+    return os.path.join(folder, f".{base[: -len(suffix)]}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
+
+
+def _atomic_write(final: str, suffix: str, write_fn) -> str:
+    os.makedirs(os.path.dirname(final) or ".", exist_ok=True)
+    tmp = _temp_path(final, suffix)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return final
+
+
+def _label_dtype(label: np.ndarray, case: Case) -> type:
+    if label.size == 0:
+        return np.uint8
+    lo, hi = int(label.min()), int(label.max())
+    if lo < 0:
+        raise ValueError(f"{case.source}: label values must be >= 0, got min {lo}")
+    if hi <= 255:
+        return np.uint8
+    if case.output_suffix == ".png":
+        raise ValueError(f"{case.source}: label value {hi} does not fit a uint8 PNG")
+    return np.int32
+
+
+def write_label(case: Case, label_slices: Sequence[np.ndarray], out_dir: str | os.PathLike) -> str:
+    """Write the label slices of ``case`` to ``<out_dir>/<case.name>.png`` or ``.nii.gz`` (atomically).
+
+    ``label_slices`` are integer arrays ``(X, Y)`` in the case's spatial order, one per slice, each of
+    ``case.slice_shape``. PNG output is ``uint8`` class indices, oriented like the input image file when opened with
+    PIL. NIfTI output has the input's spatial shape and affine (slices stacked back along ``slice_axis``).
+    """
+    from monai.data import NibabelWriter, PILWriter
+
+    slices = [np.asarray(s) for s in label_slices]
+    if len(slices) != case.num_slices():
+        raise ValueError(f"{case.source}: expected {case.num_slices()} label slices, got {len(slices)}")
+    for i, s in enumerate(slices):
+        if tuple(s.shape) != tuple(case.slice_shape):
+            raise ValueError(f"{case.source}: label slice {i} has shape {tuple(s.shape)}, expected {case.slice_shape}")
+        is_int = np.issubdtype(s.dtype, np.integer) or s.dtype == np.bool_
+        if not is_int and not np.array_equal(s, np.rint(s)):
+            raise ValueError(f"{case.source}: label slice {i} has non-integer values")
+    if case.is_volume:
+        label = np.stack(slices, axis=case.slice_axis)
+    else:
+        label = slices[0].reshape(case.spatial_shape)
+    dtype = _label_dtype(label, case)
+    label = label.astype(dtype)
+    suffix = case.output_suffix
+    final = os.path.join(os.fspath(out_dir), *case.name.split("/")) + suffix
+
+    if suffix == ".png":
+        plane = label.reshape(case.slice_shape)  # (X, Y)
+
+        def write_png(tmp: str) -> None:
+            writer = PILWriter(output_dtype=np.uint8, scale=None)
+            writer.set_data_array(plane, channel_dim=None)
+            # PILWriter's default reverse_indexing=True turns (X, Y) back into PIL's (height, width) layout.
+            writer.write(tmp, format="PNG")
+
+        return _atomic_write(final, suffix, write_png)
+
+    meta = case.meta
+
+    def write_nifti(tmp: str) -> None:
+        writer = NibabelWriter(output_dtype=dtype)
+        # keep the exact spatial shape, e.g. (X, Y, 1) stays 3-D: add no channel, squeeze nothing
+        writer.set_data_array(label, channel_dim=None, squeeze_end_dims=False, spatial_ndim=None)
+        writer.data_obj = writer.data_obj[..., 0]  # drop the channel axis set_data_array appended
+        # No resampling: the label is on the input grid. set_metadata(resample=False) would still run an identity
+        # SpatialResample, which fails for 2-D NIfTI in MONAI 1.6.1, so the affine is set directly.
+        writer.affine = np.asarray(meta["affine"], dtype=np.float64)
+        writer.write(tmp)
+
+    return _atomic_write(final, suffix, write_nifti)
