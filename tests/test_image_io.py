@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+
 from scripts.image_io import Case, label_slices, list_inputs, read_case, read_label, write_label
 
 # ----------------------------------------------------------------------------------------------------------------------

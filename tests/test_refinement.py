@@ -7,6 +7,7 @@ import pytest
 import torch
 from ignite.engine import Engine
 from monai.utils import CommonKeys
+
 from scripts.handlers import KNNRefinementHandler, PixelEntropyHandler, RoundPredictions
 from scripts.refinement import mean_pixel_entropy, plan_refinement, refine_soft_label
 
@@ -82,3 +83,9 @@ def test_handlers_on_an_engine():
     assert set(preds.refined) == {3}
     assert preds.hard_labels()[3].tolist() == [[1, 1], [1, 1]]
     assert preds.hard_labels()[0].tolist() == [[0, 1], [1, 1]]  # certain image keeps its raw label
+
+
+def test_all_tied_uncertainties_still_leave_certain_images():
+    # U >= quantile selects every image when all are equal; the intended 10 % (ceil) is kept instead, by index
+    plan = plan_refinement(np.full(12, 0.7), np.eye(12, dtype=np.float32), quantile=0.9, k=2)
+    assert plan.uncertain.tolist() == [0, 1]

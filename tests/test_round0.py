@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from scripts.prototypes import check_reference_label, class_prototypes, prototype_scores, soft_labels
 
 

