@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import shutil
 import time
 
@@ -334,6 +335,7 @@ class MedSMILEPipeline:
         self.summary["model"] = {"model_path": os.path.abspath(self.model_path), "network_config": network_file}
 
     def _record_round(self, record: dict) -> None:
+        record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak so far
         rounds = self.summary.setdefault("rounds", [])
         rounds[:] = [x for x in rounds if x["round"] != record["round"]] + [
             {k: v for k, v in record.items() if k != "label_files"}

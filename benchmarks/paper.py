@@ -1,0 +1,354 @@
+"""The paper's protocol on real data: one-label MedSMILE per round, the no-KNN ablation, the fully supervised
+ceiling with the same network and budget, recovery, and wall time / memory; mean and std over reference seeds.
+
+    python -m benchmarks.paper --profile cpu-quick --dataset polyp --seeds 0 1 2
+
+Profiles are config override files in ``bundle/configs/profiles/`` (merged over medsmile.json the MONAI way); their
+``benchmark`` key holds the pool and test sizes. Results land in ``results/<profile>/`` as JSON and Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLE = os.path.join(REPO, "bundle")
+sys.path.insert(0, BUNDLE)
+
+from scripts.encoder import load_dinov2, resolve_encoder
+from scripts.features import dinov2_features
+from scripts.image_io import read_case, read_label
+from scripts.metrics import segmentation_scores, summarize
+from scripts.network import Mask2FormerDinov2, network_from_file
+from scripts.pool import resize_image, to_uint8
+from scripts.prototypes import class_prototypes, prototype_scores, soft_labels
+from scripts.training import train_round
+
+DATASETS = {
+    "polyp": {"train": ["kvasir_seg", "cvc_clinicdb"], "test": ["kvasir_seg", "cvc_clinicdb"]},
+    "kvasir": {"train": ["kvasir_seg"], "test": ["kvasir_seg"]},
+    "isic2017": {"train": ["isic2017"], "test": ["isic2017"]},
+    "busi": {"train": ["busi"], "test": ["busi"]},
+}
+
+
+def image_path(data_root: str, subset: str, stem: str) -> str:
+    for ext in (".jpg", ".png", ".jpeg"):
+        path = os.path.join(data_root, subset, "images", stem + ext)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"no image for {subset}/{stem} under {data_root}")
+
+
+def mask_path(data_root: str, subset: str, stem: str) -> str:
+    return os.path.join(data_root, subset, "masks", stem + ".png")
+
+
+def load_profile(name: str) -> dict:
+    with open(os.path.join(BUNDLE, "configs", "profiles", f"{name}.json")) as f:
+        return json.load(f)
+
+
+def choose_split(data_root: str, dataset: str, seed: int, pool_size: int, test_size: int | None) -> dict:
+    """Seeded reference (a train image whose mask is not empty), pool (train subsample) and test lists."""
+    with open(os.path.join(data_root, "splits.json")) as f:
+        splits = json.load(f)
+    spec = DATASETS[dataset]
+    train = [(s, stem) for s in spec["train"] for stem in splits[s]["train"]]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(train))
+    reference = None
+    for i in order:
+        subset, stem = train[i]
+        if read_label(mask_path(data_root, subset, stem)).any():
+            reference = (subset, stem)
+            break
+    rest = [train[i] for i in order if train[i] != reference]
+    pool = rest[:pool_size] if pool_size else rest
+    tests = {}
+    for subset in spec["test"]:
+        stems = splits[subset]["test"]
+        tests[subset] = stems[:test_size] if test_size else stems
+    return {"reference": reference, "pool": pool, "tests": tests}
+
+
+def write_datalist(path: str, data_root: str, pool: list) -> None:
+    entries = [{"image": os.path.relpath(image_path(data_root, s, stem), data_root)} for s, stem in pool]
+    with open(path, "w") as f:
+        json.dump({"unlabeled": entries}, f, indent=1)
+
+
+def run_medsmile(profile: str, out_dir: str, data_root: str, split: dict, overrides: dict) -> dict:
+    """One pipeline run as the user would start it (a subprocess of monai.bundle), returns its summary."""
+    os.makedirs(out_dir, exist_ok=True)
+    datalist = os.path.join(out_dir, "datalist.json")
+    write_datalist(datalist, data_root, split["pool"])
+    subset, stem = split["reference"]
+    configs = f"['configs/medsmile.json','configs/profiles/{profile}.json']"
+    args = {
+        "datalist": datalist,
+        "dataset_dir": os.path.abspath(data_root),
+        "reference_image": image_path(data_root, subset, stem),
+        "reference_label": mask_path(data_root, subset, stem),
+        "output_dir": os.path.join(out_dir, "run"),
+        "model_path": os.path.join(out_dir, "models", "model.pt"),
+        **overrides,
+    }
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs]
+    for key, value in args.items():
+        cmd += [f"--{key}", str(value)]
+    with open(os.path.join(out_dir, "command.txt"), "w") as f:
+        f.write(" ".join(cmd) + "\n")
+    with open(os.path.join(out_dir, "log.txt"), "w") as log:
+        subprocess.run(cmd, cwd=BUNDLE, check=True, stdout=log, stderr=subprocess.STDOUT)
+    with open(os.path.join(out_dir, "run", "summary.json")) as f:
+        return json.load(f)
+
+
+def pool_label_dice(run_dir: str, data_root: str) -> list[float]:
+    """Pseudo-label Dice of every finished round against the ground truth of the pool."""
+    out = []
+    r = 0
+    while os.path.isfile(os.path.join(run_dir, f"round_{r}", "round.json")):
+        with open(os.path.join(run_dir, f"round_{r}", "round.json")) as f:
+            files = json.load(f)["label_files"]
+        scores = []
+        for name, rel in files.items():
+            subset, _, stem = name.split("/")  # "<subset>/images/<stem>"
+            pred = read_label(os.path.join(run_dir, f"round_{r}", rel), binarize=False)
+            scores.append(segmentation_scores(pred, read_label(mask_path(data_root, subset, stem)), 2))
+        out.append(summarize(scores, 2)["mean_dice"])
+        r += 1
+    return out
+
+
+@torch.no_grad()
+def predict_test(network: torch.nn.Module, data_root: str, tests: dict, image_size: int) -> dict:
+    """mDice / mIoU of a network on each test split (prediction at image_size, upsampled to the native size)."""
+    network.eval()
+    result = {}
+    for subset, stems in tests.items():
+        scores = []
+        for stem in stems:
+            _, slices = read_case(image_path(data_root, subset, stem))
+            x = resize_image(slices[0], image_size)[None]
+            probs = network(x).softmax(1)
+            probs = F.interpolate(probs, size=slices[0].shape[1:], mode="bilinear", align_corners=False)
+            scores.append(
+                segmentation_scores(probs.argmax(1)[0].numpy(), read_label(mask_path(data_root, subset, stem)), 2)
+            )
+        s = summarize(scores, 2)
+        result[subset] = {"dice": s["mean_dice"], "iou": s["mean_iou"]}
+    return result
+
+
+@torch.no_grad()
+def round0_test(encoder_weights: str, data_root: str, split: dict, feature_size: int) -> dict:
+    """Round 0 applied to the test images (prototypes of the reference, no training)."""
+    encoder = load_dinov2(resolve_encoder(encoder_weights)).eval()
+    subset, stem = split["reference"]
+    _, ref = read_case(image_path(data_root, subset, stem))
+    ref_label = torch.as_tensor(read_label(mask_path(data_root, subset, stem))).long()
+    patch, _ = dinov2_features(encoder, resize_image(ref[0], feature_size)[None])
+    protos = class_prototypes([patch[0]], [ref_label], 2)
+    result = {}
+    for test_subset, stems in split["tests"].items():
+        scores = []
+        for test_stem in stems:
+            _, slices = read_case(image_path(data_root, test_subset, test_stem))
+            feats, _ = dinov2_features(encoder, resize_image(slices[0], feature_size)[None])
+            pred = soft_labels(prototype_scores(feats, protos), slices[0].shape[1:]).argmax(1)[0]
+            truth = read_label(mask_path(data_root, test_subset, test_stem))
+            scores.append(segmentation_scores(pred.numpy(), truth, 2))
+        s = summarize(scores, 2)
+        result[test_subset] = {"dice": s["mean_dice"], "iou": s["mean_iou"]}
+    return result
+
+
+def test_per_round(out_dir: str, data_root: str, split: dict, image_size: int) -> list[dict]:
+    network = network_from_file(os.path.join(out_dir, "models", "network.json"))
+    rows = []
+    r = 1
+    while os.path.isfile(os.path.join(out_dir, "run", f"round_{r}", "model.pt")):
+        network.load_state_dict(torch.load(os.path.join(out_dir, "run", f"round_{r}", "model.pt"), weights_only=True))
+        rows.append(predict_test(network, data_root, split["tests"], image_size))
+        r += 1
+    return rows
+
+
+def supervised_ceiling(cfg: dict, data_root: str, split: dict, out_dir: str) -> dict:
+    """The same network, image size and budget (epochs of one round) trained on the pool's ground truth."""
+    torch.manual_seed(0)
+    source = resolve_encoder(cfg["encoder_weights"])
+    size = cfg["image_size"]
+    items = []
+    for i, (subset, stem) in enumerate(split["pool"] + [split["reference"]]):
+        _, slices = read_case(image_path(data_root, subset, stem))
+        label = torch.as_tensor(read_label(mask_path(data_root, subset, stem)), dtype=torch.float32)[None, None]
+        label = F.interpolate(label, size=(size, size), mode="nearest")[0].to(torch.uint8)
+        items.append({"image": to_uint8(resize_image(slices[0], size)), "label": label, "index": i})
+    network = Mask2FormerDinov2(
+        cfg["num_classes"],
+        source.path,
+        source.path,
+        num_queries=cfg["num_queries"],
+        decoder_layers=cfg["decoder_layers"],
+        hidden_dim=cfg["hidden_dim"],
+        pixel_decoder_layers=cfg["pixel_decoder_layers"],
+    )
+    t0 = time.time()
+    train_round(
+        network,
+        items,
+        cfg["epochs"],
+        cfg["batch_size"],
+        cfg["learning_rate"],
+        cfg["weight_decay"],
+        cfg["grad_clip_norm"],
+        torch.device("cpu"),
+        os.path.join(out_dir, "checkpoints"),
+    )
+    return {"test": predict_test(network, data_root, split["tests"], size), "train_s": time.time() - t0}
+
+
+def effective_config(profile: str) -> dict:
+    with open(os.path.join(BUNDLE, "configs", "medsmile.json")) as f:
+        cfg = json.load(f)
+    cfg.update({k: v for k, v in load_profile(profile).items() if k != "benchmark"})
+    return cfg
+
+
+def mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def markdown(results: dict, profile: str, command: str) -> str:
+    lines = [f"### Profile `{profile}`", "", f"Command: `{command}`", ""]
+    for dataset, res in results.items():
+        lines += [f"#### {dataset} (seeds {res['seeds']}, pool {res['pool_size']} images)", ""]
+        lines += [
+            "| variant | test split | round 0 | " + " | ".join(f"round {r}" for r in range(1, res["rounds"] + 1)) + " |"
+        ]
+        lines += ["|---" * (3 + res["rounds"]) + "|"]
+        for variant in ("medsmile", "no_knn"):
+            if variant not in res["runs"][0]:
+                continue
+            for subset in res["test_subsets"]:
+                r0 = [run["round0_test"][subset]["dice"] for run in res["runs"]]
+                cells = [
+                    mean_std([run[variant]["test"][r][subset]["dice"] for run in res["runs"]])
+                    for r in range(res["rounds"])
+                ]
+                lines.append(f"| {variant} test Dice | {subset} | {mean_std(r0)} | " + " | ".join(cells) + " |")
+            pool = [mean_std([run[variant]["pool_dice"][r] for run in res["runs"]]) for r in range(res["rounds"] + 1)]
+            lines.append(f"| {variant} pool pseudo-label Dice | pool | " + " | ".join(pool) + " |")
+        if "supervised" in res:
+            for subset in res["test_subsets"]:
+                sup = res["supervised"]["test"][subset]["dice"]
+                final = [run["medsmile"]["test"][-1][subset]["dice"] for run in res["runs"]]
+                lines.append(
+                    f"| fully supervised (same net, budget) | {subset} | {sup:.3f} | recovery of final one-label Dice: "
+                    f"{mean_std([f / sup for f in final]) if sup > 0 else '-'} |"
+                )
+        t = res["timing"]
+        lines += [
+            "",
+            (
+                f"Wall time per MedSMILE run (mean): features {t['features_s']:.0f} s, training {t['train_s']:.0f} s, "
+                f"inference + refinement {t['predict_s']:.0f} s, total {t['total_s']:.0f} s; "
+                f"{t['images_per_s']:.2f} pool images/s over the whole run; peak RSS {t['peak_rss_mb']:.0f} MB."
+            ),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="cpu-quick")
+    parser.add_argument("--dataset", nargs="+", default=["polyp"], choices=sorted(DATASETS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--data_root", default=os.path.join(REPO, "..", "shared", "data"))
+    parser.add_argument("--results_dir", default=os.path.join(REPO, "results"))
+    parser.add_argument("--variants", nargs="+", default=["medsmile", "no_knn", "supervised"])
+    parser.add_argument("--set", nargs="*", default=[], help="extra overrides key=value (JSON values)")
+    args = parser.parse_args(argv)
+    profile = load_profile(args.profile)
+    bench = profile.get("benchmark", {})
+    extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    cfg = {**effective_config(args.profile), **extra}
+    tag = args.profile + "".join(f"_{k}-{os.path.basename(str(v))}" for k, v in extra.items())
+    out_root = os.path.join(args.results_dir, tag)
+    os.makedirs(out_root, exist_ok=True)
+    command = "python -m benchmarks.paper " + " ".join(sys.argv[1:] if argv is None else argv)
+    results = {}
+    for dataset in args.dataset:
+        runs, timings = [], []
+        for seed in args.seeds:
+            split = choose_split(args.data_root, dataset, seed, bench.get("pool_size"), bench.get("test_size"))
+            run = {"seed": seed, "reference": "/".join(split["reference"])}
+            run["round0_test"] = round0_test(cfg["encoder_weights"], args.data_root, split, cfg["feature_image_size"])
+            for variant in ("medsmile", "no_knn"):
+                if variant not in args.variants:
+                    continue
+                out_dir = os.path.join(out_root, dataset, f"seed{seed}", variant)
+                overrides = {"seed": seed, **extra, **({"refine": False} if variant == "no_knn" else {})}
+                summary = run_medsmile(args.profile, out_dir, args.data_root, split, overrides)
+                run[variant] = {
+                    "pool_dice": pool_label_dice(os.path.join(out_dir, "run"), args.data_root),
+                    "test": test_per_round(out_dir, args.data_root, split, cfg["image_size"]),
+                    "summary_rounds": summary["rounds"],
+                }
+                if variant == "medsmile":
+                    timings.append(summary)
+            runs.append(run)
+            print(json.dumps(run, default=str)[:2000], flush=True)
+        res = {
+            "seeds": args.seeds,
+            "pool_size": bench.get("pool_size"),
+            "rounds": cfg["num_rounds"],
+            "test_subsets": list(DATASETS[dataset]["test"]),
+            "runs": runs,
+            "config": cfg,
+        }
+        if "supervised" in args.variants:
+            split = choose_split(args.data_root, dataset, args.seeds[0], bench.get("pool_size"), bench.get("test_size"))
+            res["supervised"] = supervised_ceiling(
+                cfg, args.data_root, split, os.path.join(out_root, dataset, "supervised")
+            )
+        if timings:
+            rounds = [r for s in timings for r in s["rounds"]]
+            total = float(np.mean([s["wall_time_s"] for s in timings]))
+            res["timing"] = {
+                "features_s": float(np.mean([r["timings_s"].get("features", 0) for r in rounds if r["round"] == 0])),
+                "train_s": float(np.sum([r["timings_s"].get("train", 0) for r in rounds]) / len(timings)),
+                "predict_s": float(np.sum([r["timings_s"].get("predict_refine", 0) for r in rounds]) / len(timings)),
+                "total_s": total,
+                "images_per_s": timings[0]["pool"]["images"] / total,
+                "peak_rss_mb": float(max(r.get("peak_rss_mb", 0) for r in rounds)),
+            }
+        results[dataset] = res
+        with open(os.path.join(out_root, f"{dataset}.json"), "w") as f:
+            json.dump(res, f, indent=1, default=str)
+    md = markdown(results, tag, command)
+    with open(os.path.join(out_root, "results.md"), "w") as f:
+        f.write(md + "\n")
+    print(md)
+    print(f"benchmark peak RSS (this process): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
