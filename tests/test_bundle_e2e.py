@@ -199,3 +199,45 @@ def test_metadata_verifies_offline():
         meta_file=os.path.join(CONFIGS, "metadata.json"),
         filepath=os.path.join(BUNDLE_ROOT, "docs", "meta_schema.json"),
     )
+
+
+def test_finetuned_encoder_feeds_every_later_stage(tiny_encoder, png_dataset, tmp_path, monkeypatch):
+    from scripts import network as network_module
+    from scripts.encoder import load_dinov2
+    from scripts.features import dinov2_features
+    from scripts.pool import ImagePool, pool_sources
+
+    loaded = []
+    original = network_module.Mask2FormerDinov2.load_encoder_weights
+    monkeypatch.setattr(
+        network_module.Mask2FormerDinov2,
+        "load_encoder_weights",
+        lambda self, path: (loaded.append(str(path)), original(self, path))[1],
+    )
+    data = png_dataset
+    run_medsmile(
+        tiny_encoder,
+        tmp_path,
+        dataset_dir=data["dataset_dir"],
+        reference_image=data["reference_image"],
+        reference_label=data["reference_label"],
+        num_rounds=1,
+        finetune_encoder=True,
+        finetune_epochs=1,
+        finetune_batch_size=3,
+        finetune_global_crop_size=56,
+        finetune_local_crop_size=28,
+        finetune_num_local_crops=1,
+    )
+    finetuned = str(tmp_path / "run" / "encoder_finetuned")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["encoder"]["kind"] == "local" and summary["encoder"]["source_kind"] == "moco-finetune"
+    assert loaded == [finetuned]  # round 1's new network starts from the fine-tuned weights
+    # round-0 features came from the fine-tuned encoder, not the original one
+    pool = ImagePool.load(pool_sources(data["dataset_dir"], None, []), 56, 56, dataset_root=data["dataset_dir"])
+    images = pool.feature_images.float() / 255
+    saved = np.load(tmp_path / "run" / "round_0" / "global_features.npy")
+    _, tuned = dinov2_features(load_dinov2(finetuned), images)
+    _, base = dinov2_features(load_dinov2(tiny_encoder), images)
+    np.testing.assert_allclose(saved, tuned.numpy(), atol=1e-5)
+    assert not np.allclose(saved, base.numpy(), atol=1e-5)

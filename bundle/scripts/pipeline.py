@@ -23,6 +23,7 @@ from monai.utils import set_determinism
 
 from .demo_data import make_demo_data
 from .encoder import EncoderSource, load_dinov2, resolve_encoder
+from .encoder_finetune import finetune_encoder
 from .features import dinov2_features
 from .image_io import label_slices, read_case, read_label
 from .network import Mask2FormerDinov2
@@ -84,6 +85,15 @@ class MedSMILEPipeline:
         decoder_layers: int = 4,
         hidden_dim: int = 128,
         pixel_decoder_layers: int = 2,
+        finetune_encoder: bool = False,
+        finetune_epochs: int = 10,
+        finetune_batch_size: int = 16,
+        finetune_learning_rate: float = 1e-5,
+        finetune_temperature: float = 0.2,
+        finetune_ema_momentum: float = 0.996,
+        finetune_global_crop_size: int = 224,
+        finetune_local_crop_size: int = 98,
+        finetune_num_local_crops: int = 4,
         seed: int = 0,
         device: str | torch.device = "cpu",
         num_workers: int = 0,
@@ -213,6 +223,31 @@ class MedSMILEPipeline:
         finish_round(self.output_dir, 0, partial, record)
         self._record_round(record)
         return labels, feats
+
+    def _finetuned_encoder(self, base: EncoderSource, pool: ImagePool) -> EncoderSource:
+        """MoCo-style fine-tune of the encoder on the pool (METHOD.md, optional step); every later stage uses it.
+        A finished fine-tune in ``encoder_finetuned/`` is reused; an interrupted one resumes from its checkpoint."""
+        t0 = time.time()
+        out = os.path.join(self.output_dir, "encoder_finetuned")
+        finetune_encoder(
+            base.path,
+            pool.feature_images,
+            out,
+            epochs=self.finetune_epochs,
+            batch_size=self.finetune_batch_size,
+            learning_rate=self.finetune_learning_rate,
+            temperature=self.finetune_temperature,
+            ema_momentum=self.finetune_ema_momentum,
+            global_crop_size=self.finetune_global_crop_size,
+            local_crop_size=self.finetune_local_crop_size,
+            num_local_crops=self.finetune_num_local_crops,
+            seed=self.seed,
+            device=str(self.device),
+            checkpoint_dir=os.path.join(self.output_dir, ".checkpoints", "encoder_finetune"),
+        )
+        shutil.rmtree(os.path.join(self.output_dir, ".checkpoints", "encoder_finetune"), ignore_errors=True)
+        self.summary["encoder_finetune_s"] = self.summary.get("encoder_finetune_s", time.time() - t0)
+        return resolve_encoder(out)
 
     def _new_network(self, encoder_source: EncoderSource) -> Mask2FormerDinov2:
         """A NEW Mask2Former each round, its backbone initialised from the pretrained DINOv2 (never the last round)."""
@@ -362,6 +397,9 @@ class MedSMILEPipeline:
             sources, self.feature_image_size, self.image_size, self.slice_axis, self.dataset_dir, self.skip_bad_inputs
         )
         self._start_run_record(discard_previous)
+        if self.finetune_encoder:
+            encoder_source = self._finetuned_encoder(encoder_source, pool)
+            encoder = load_dinov2(encoder_source).to(self.device).eval()
         self.summary.update(config=self.cfg, encoder=encoder_source.provenance)
         self.summary.update(pool={"cases": len(pool.cases), "images": len(pool), "skipped": pool.skipped})
         labels, feats = self._round0(encoder, refs, pool)
