@@ -77,6 +77,16 @@ def test_pipeline_writes_every_artefact_and_inference_runs(tiny_encoder, png_dat
     round2 = torch.load(run_dir / "round_2" / "model.pt", weights_only=True)
     assert all(torch.equal(state[k], round2[k]) for k in state), "model.pt must be the last round's network"
 
+    # models/model.ts (traced) gives the eager network's output; the bundle metadata travels inside it
+    extra = {"metadata.json": "", "inference.json": ""}
+    traced = torch.jit.load(str(tmp_path / "models" / "model.ts"), _extra_files=extra)
+    assert json.loads(extra["metadata.json"])["network_data_format"]["outputs"]["pred"]["num_channels"] == 2
+    network.eval()
+    for shape in ((1, 3, 56, 56), (2, 3, 56, 56)):
+        x = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            torch.testing.assert_close(traced(x), network(x), atol=1e-4, rtol=0)
+
     # inference.json segments new images and writes masks of their size
     out = tmp_path / "inference"
     run(

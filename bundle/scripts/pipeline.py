@@ -99,6 +99,9 @@ class MedSMILEPipeline:
         num_workers: int = 0,
         overwrite: bool = False,
         demo_images: int = 24,
+        export_torchscript: bool = True,
+        inference_config: str | None = None,
+        metadata_file: str | None = None,
     ):
         for name, size in (("image_size", image_size), ("feature_image_size", feature_image_size)):
             if size % 14:
@@ -368,6 +371,26 @@ class MedSMILEPipeline:
             {"num_classes": self.num_classes, "encoder_config": encoder_config, **self._decoder_kwargs()},
         )
         self.summary["model"] = {"model_path": os.path.abspath(self.model_path), "network_config": network_file}
+        if self.export_torchscript:
+            self.summary["model"]["torchscript"] = self._export_torchscript(network_file)
+
+    def _export_torchscript(self, network_file: str) -> str:
+        """models/model.ts through MONAI's ckpt_export (trace mode: transformers models do not script), with the
+        bundle metadata and inference config embedded."""
+        from monai.bundle import ckpt_export
+
+        ts_path = os.path.splitext(self.model_path)[0] + ".ts"
+        ckpt_export(
+            net_id="network_def",
+            filepath=ts_path,
+            ckpt_file=self.model_path,
+            meta_file=self.metadata_file,
+            config_file=self.inference_config,
+            network_config=network_file,
+            use_trace=True,
+            input_shape=[1, 3, self.image_size, self.image_size],
+        )
+        return ts_path
 
     def _record_round(self, record: dict) -> None:
         record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak so far
