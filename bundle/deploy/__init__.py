@@ -1,0 +1,1 @@
+"""MONAI Deploy application for the MedSMILE bundle (optional: ``pip install -e ".[deploy]"``)."""
