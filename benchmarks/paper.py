@@ -217,6 +217,7 @@ def supervised_ceiling(cfg: dict, data_root: str, split: dict, out_dir: str) -> 
         cfg["grad_clip_norm"],
         torch.device("cpu"),
         os.path.join(out_dir, "checkpoints"),
+        loss=cfg["loss"],
     )
     return {"test": predict_test(network, data_root, split["tests"], size), "train_s": time.time() - t0}
 

@@ -156,7 +156,9 @@ class Mask2FormerDinov2(nn.Module):
         h, w = x.shape[-2:]
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"input size {h}x{w} is not a multiple of the patch size {self.patch_size}")
-        out = self.mask2former(pixel_values=(x - self.mean) / self.std)
+        out = self.mask2former(pixel_values=(x - self.mean) / self.std, output_auxiliary_logits=self.training)
+        # Mask2Former's own set loss needs the per-query outputs of this very forward (see losses.py)
+        self.last_query_outputs = out if self.training else None
         class_probs = out.class_queries_logits.softmax(dim=-1)[..., :-1]  # drop the "no object" class
         mask_probs = out.masks_queries_logits.sigmoid()
         semantic = torch.einsum("bqc,bqhw->bchw", class_probs, mask_probs)

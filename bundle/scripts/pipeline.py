@@ -77,6 +77,7 @@ class MedSMILEPipeline:
         learning_rate: float = 5e-5,
         weight_decay: float = 0.01,
         grad_clip_norm: float = 1.0,
+        loss: str = "mask2former",
         refine: bool = True,
         uncertainty_quantile: float = 0.9,
         knn_k: int = 5,
@@ -300,6 +301,7 @@ class MedSMILEPipeline:
             self.device,
             ckpt_dir,
             self.num_workers,
+            self.loss,
         )
         t_train = time.time() - t0
         predictions = predict_and_refine(

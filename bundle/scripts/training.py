@@ -18,6 +18,7 @@ from monai.losses import DiceCELoss
 from monai.transforms import Compose, Lambdad, RandFlipd
 
 from .handlers import GradientClipHandler, KNNRefinementHandler, PixelEntropyHandler, RoundPredictions
+from .losses import Mask2FormerSemanticLoss
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,14 @@ def training_transform() -> Compose:
     )
 
 
+def build_loss(name: str, network: torch.nn.Module) -> torch.nn.Module:
+    if name == "mask2former":
+        return Mask2FormerSemanticLoss(network)
+    if name == "dicece":
+        return DiceCELoss(to_onehot_y=True, softmax=True)
+    raise ValueError(f"loss must be 'mask2former' or 'dicece', got {name!r}")
+
+
 def train_round(
     network: torch.nn.Module,
     items: list[dict],
@@ -54,10 +63,12 @@ def train_round(
     device: torch.device,
     checkpoint_dir: str,
     num_workers: int = 0,
+    loss: str = "mask2former",
 ) -> dict:
     """Train ``network`` in place with AdamW, cosine annealing per iteration, grad clipping and CE + Dice.
 
-    Saves a checkpoint every epoch in ``checkpoint_dir`` and resumes from the newest one found there, so a crash
+    ``loss``: "mask2former" (its set loss + CE + Dice on the semantic map, see losses.py) or "dicece" (CE + Dice on
+    the semantic map only). Saves a checkpoint every epoch in ``checkpoint_dir`` and resumes from the newest one found there, so a crash
     inside a round costs at most one epoch.
     """
     loader = DataLoader(
@@ -76,7 +87,7 @@ def train_round(
         train_data_loader=loader,
         network=network,
         optimizer=optimizer,
-        loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
+        loss_function=build_loss(loss, network),
         inferer=SimpleInferer(),
         decollate=False,
         train_handlers=[

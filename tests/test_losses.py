@@ -1,0 +1,41 @@
+"""The Mask2Former set loss on semantic label maps: label conversion by hand, and it trains a tiny network."""
+
+import torch
+
+from scripts.losses import Mask2FormerSemanticLoss, semantic_to_instances
+from scripts.network import Mask2FormerDinov2
+
+
+def test_semantic_to_instances_lists_the_classes_present():
+    label = torch.tensor([[[[0, 2], [2, 2]]], [[[0, 0], [0, 0]]]])  # (B=2, 1, 2, 2), C = 3
+    masks, classes = semantic_to_instances(label, 3)
+    assert classes[0].tolist() == [0, 2] and classes[1].tolist() == [0]
+    assert masks[0].tolist() == [[[1, 0], [0, 0]], [[0, 1], [1, 1]]]
+    assert masks[1].shape == (1, 2, 2)
+
+
+def test_set_loss_needs_a_training_forward_and_decreases(tiny_encoder):
+    torch.manual_seed(0)
+    net = Mask2FormerDinov2(2, tiny_encoder, hidden_dim=32, num_queries=4, decoder_layers=1, pixel_decoder_layers=1)
+    loss_fn = Mask2FormerSemanticLoss(net)
+    x = torch.rand(2, 3, 56, 56)
+    label = torch.zeros(2, 1, 56, 56, dtype=torch.long)
+    label[:, :, 10:30, 10:30] = 1
+    x[:, :, 10:30, 10:30] = 0  # the object is dark: learnable
+    net.eval()
+    pred = net(x)
+    try:
+        loss_fn(pred, label)
+        raise AssertionError("an eval-mode forward must not feed the training loss")
+    except RuntimeError as err:
+        assert "training mode" in str(err)
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(30):
+        loss = loss_fn(net(x), label)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert min(losses[-5:]) < 0.6 * losses[0]
