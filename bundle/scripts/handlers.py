@@ -85,8 +85,16 @@ class KNNRefinementHandler:
     (weights max(0, cos) on the global DINOv2 features); certain images keep their raw labels.
     """
 
-    def __init__(self, predictions: RoundPredictions, global_features: np.ndarray, quantile: float = 0.9, k: int = 5):
+    def __init__(
+        self,
+        predictions: RoundPredictions,
+        global_features: np.ndarray,
+        quantile: float = 0.9,
+        k: int = 5,
+        exact_limit: int = 50_000,
+    ):
         self.predictions = predictions
+        self.exact_limit = exact_limit
         self.global_features = global_features
         self.quantile = quantile
         self.k = k
@@ -98,7 +106,7 @@ class KNNRefinementHandler:
         preds = self.predictions
         if np.isnan(preds.uncertainty).any():
             raise RuntimeError("refinement needs every pool image predicted; some have no uncertainty")
-        plan = plan_refinement(preds.uncertainty, self.global_features, self.quantile, self.k)
+        plan = plan_refinement(preds.uncertainty, self.global_features, self.quantile, self.k, self.exact_limit)
         raw = preds.probs.argmax(1)
         num_classes = preds.probs.shape[1]
         for row, i in enumerate(plan.uncertain):

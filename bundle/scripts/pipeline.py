@@ -81,6 +81,7 @@ class MedSMILEPipeline:
         refine: bool = True,
         uncertainty_quantile: float = 0.9,
         knn_k: int = 5,
+        knn_exact_limit: int = 50_000,
         train_on_reference: bool = True,
         num_queries: int = 16,
         decoder_layers: int = 4,
@@ -314,6 +315,7 @@ class MedSMILEPipeline:
             self.uncertainty_quantile,
             self.knn_k,
             refine=self.refine,
+            exact_limit=self.knn_exact_limit,
         )
         t_pred = time.time() - t0 - t_train
         partial = begin_round(self.output_dir, r)

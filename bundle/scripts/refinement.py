@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import torch
+
+from .knn_index import build_index, search
 
 
 def mean_pixel_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -27,10 +28,11 @@ class RefinementPlan:
 
 
 def plan_refinement(
-    uncertainty: np.ndarray, global_features: np.ndarray, quantile: float = 0.9, k: int = 5
+    uncertainty: np.ndarray, global_features: np.ndarray, quantile: float = 0.9, k: int = 5, exact_limit: int = 50_000
 ) -> RefinementPlan:
     """Images with U >= quantile(U, q) are uncertain; each gets its K nearest certain images by inner product on
-    L2-normalised global features (faiss IndexFlatIP), weighted by max(0, cos)."""
+    L2-normalised global features (exact faiss IndexFlatIP up to ``exact_limit`` certain images, IVF past it; see
+    knn_index.py), weighted by max(0, cos)."""
     uncertainty = np.asarray(uncertainty, dtype=np.float64)
     feats = np.ascontiguousarray(global_features, dtype=np.float32)
     threshold = float(np.quantile(uncertainty, quantile))
@@ -45,12 +47,10 @@ def plan_refinement(
     neighbours = np.full((len(uncertain), k), -1, dtype=np.int64)
     weights = np.zeros((len(uncertain), k), dtype=np.float32)
     if len(uncertain) and len(certain):
-        index = faiss.IndexFlatIP(feats.shape[1])
-        index.add(feats[certain])
-        kk = min(k, len(certain))
-        sims, idx = index.search(feats[uncertain], kk)
-        neighbours[:, :kk] = certain[idx]
-        weights[:, :kk] = np.maximum(sims, 0.0)
+        sims, idx = search(build_index(feats[certain], exact_limit=exact_limit), feats[uncertain], k)
+        found = idx >= 0  # fewer than k certain images (or an approximate index's short list): stays -1, weight 0
+        neighbours[found] = certain[idx[found]]
+        weights[found] = np.maximum(sims[found], 0.0)
     return RefinementPlan(threshold, uncertain, neighbours, weights)
 
 

@@ -130,6 +130,7 @@ def predict_and_refine(
     quantile: float,
     k: int,
     refine: bool = True,
+    exact_limit: int = 50_000,
 ) -> RoundPredictions:
     """Predict every pool image with an Ignite evaluator; entropy per image; KNN refinement at the end."""
     predictions = RoundPredictions.empty(len(images), num_classes, images.shape[-1])
@@ -141,6 +142,6 @@ def predict_and_refine(
     ProgressBar(desc="predict", persist=False).attach(evaluator)
     PixelEntropyHandler(predictions).attach(evaluator)
     if refine:
-        KNNRefinementHandler(predictions, global_features, quantile, k).attach(evaluator)
+        KNNRefinementHandler(predictions, global_features, quantile, k, exact_limit).attach(evaluator)
     evaluator.run()
     return predictions
