@@ -81,6 +81,7 @@ def test_pipeline_writes_every_artefact_and_inference_runs(tiny_encoder, png_dat
     extra = {"metadata.json": "", "inference.json": ""}
     traced = torch.jit.load(str(tmp_path / "models" / "model.ts"), _extra_files=extra)
     assert json.loads(extra["metadata.json"])["network_data_format"]["outputs"]["pred"]["num_channels"] == 2
+    assert json.loads(extra["inference.json"])["image_size"] == TINY_OVERRIDES["image_size"]
     network.eval()
     for shape in ((1, 3, 56, 56), (2, 3, 56, 56)):
         x = torch.rand(shape, generator=torch.Generator().manual_seed(1))

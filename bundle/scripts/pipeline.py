@@ -384,16 +384,26 @@ class MedSMILEPipeline:
         from monai.bundle import ckpt_export
 
         ts_path = os.path.splitext(self.model_path)[0] + ".ts"
+        # embed an inference.json whose image_size is this run's (ckpt_export embeds the file as written)
+        with open(self.inference_config) as f:
+            inference = json.load(f)
+        inference["image_size"] = self.image_size
+        export_dir = os.path.join(self.output_dir, ".export")
+        os.makedirs(export_dir, exist_ok=True)
+        config_file = os.path.join(export_dir, "inference.json")
+        _atomic_json(config_file, inference)
         ckpt_export(
             net_id="network_def",
-            filepath=ts_path,
+            filepath=ts_path + ".tmp",
             ckpt_file=self.model_path,
             meta_file=self.metadata_file,
-            config_file=self.inference_config,
+            config_file=config_file,
             network_config=network_file,
             use_trace=True,
             input_shape=[1, 3, self.image_size, self.image_size],
         )
+        os.replace(ts_path + ".tmp", ts_path)
+        shutil.rmtree(export_dir, ignore_errors=True)
         return ts_path
 
     def _record_round(self, record: dict) -> None:

@@ -32,5 +32,11 @@ class IntensityToRGBd(MapTransform):
             rgb = torch.as_tensor(
                 np.ascontiguousarray(to_rgb(scaled, str(getattr(image, "meta", {}).get("filename_or_obj", key))))
             )
-            d[key] = MetaTensor(rgb, meta=image.meta) if isinstance(image, MetaTensor) else rgb
+            if isinstance(image, MetaTensor):
+                meta = dict(image.meta)
+                if "spatial_shape" in meta:  # keep the writer's idea of the image size in step with a squeeze
+                    meta["spatial_shape"] = np.asarray(array.shape[1:])
+                d[key] = MetaTensor(rgb, meta=meta)
+            else:
+                d[key] = rgb
         return d
