@@ -303,6 +303,7 @@ class MedSMILEPipeline:
             ckpt_dir,
             self.num_workers,
             self.loss,
+            seed=self.seed + r,
         )
         t_train = time.time() - t0
         predictions = predict_and_refine(

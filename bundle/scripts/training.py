@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver, LrScheduleHandler,
 from monai.inferers import SimpleInferer
 from monai.losses import DiceCELoss
 from monai.transforms import Compose, Lambdad, RandFlipd
+from monai.utils import set_determinism
 
 from .handlers import GradientClipHandler, KNNRefinementHandler, PixelEntropyHandler, RoundPredictions
 from .losses import Mask2FormerSemanticLoss
@@ -64,6 +66,7 @@ def train_round(
     checkpoint_dir: str,
     num_workers: int = 0,
     loss: str = "mask2former",
+    seed: int = 0,
 ) -> dict:
     """Train ``network`` in place with AdamW, cosine annealing per iteration, grad clipping and CE + Dice.
 
@@ -71,8 +74,9 @@ def train_round(
     the semantic map only). Saves a checkpoint every epoch in ``checkpoint_dir`` and resumes from the newest one found there, so a crash
     inside a round costs at most one epoch.
     """
+    transform = training_transform()
     loader = DataLoader(
-        Dataset(items, transform=training_transform()),
+        Dataset(items, transform=transform),
         batch_size=batch_size,
         shuffle=True,
         num_workers=num_workers,
@@ -107,6 +111,12 @@ def train_round(
     CheckpointSaver(save_dir=checkpoint_dir, save_dict=save_dict, save_interval=1, n_saved=1, epoch_level=True).attach(
         trainer
     )
+
+    def reseed(engine):
+        set_determinism(seed=seed * 1000 + engine.state.epoch)
+        transform.set_random_state(seed=seed * 1000 + engine.state.epoch)
+
+    trainer.add_event_handler(Events.EPOCH_STARTED, reseed)
     losses = []
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: losses.append(e.state.output["loss"].item()))
     trainer.run()
@@ -114,10 +124,21 @@ def train_round(
 
 
 def _latest_checkpoint(folder: str) -> str | None:
+    """Newest epoch checkpoint that loads. MONAI's CheckpointSaver writes in place (not atomically), so a crash
+    during a save can leave a truncated newest file: it is removed and the previous one is used."""
     if not os.path.isdir(folder):
         return None
-    files = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".pt")]
-    return max(files, key=os.path.getmtime) if files else None
+    files = sorted(
+        (os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".pt")), key=os.path.getmtime, reverse=True
+    )
+    for path in files:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+            return path
+        except (EOFError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as err:  # truncated or corrupt
+            logger.warning("discarding unreadable checkpoint %s (%s)", path, err)
+            os.remove(path)
+    return None
 
 
 def predict_and_refine(
