@@ -62,10 +62,14 @@ def png_dataset(tmp_path) -> dict:
     (tmp_path / "reference").mkdir()
     Image.fromarray(ref_image).save(tmp_path / "reference" / "ref.png")
     Image.fromarray(ref_mask * 255).save(tmp_path / "reference" / "ref_mask.png")
-    return {
+    inputs = {
         "dataset_dir": str(images),
         "reference_image": str(tmp_path / "reference" / "ref.png"),
         "reference_label": str(tmp_path / "reference" / "ref_mask.png"),
+    }
+    return {
+        **inputs,
+        "inputs": inputs,  # the pipeline arguments, to pass as **png_dataset["inputs"]
         "sizes": {f"img_{i}": s for i, s in enumerate(sizes)},
         "root": tmp_path,
     }

@@ -42,9 +42,7 @@ def test_pipeline_writes_every_artefact_and_inference_runs(tiny_encoder, png_dat
     args = run_medsmile(
         tiny_encoder,
         tmp_path,
-        dataset_dir=data["dataset_dir"],
-        reference_image=data["reference_image"],
-        reference_label=data["reference_label"],
+        **data["inputs"],
     )
     run_dir = tmp_path / "run"
     for r in range(3):
@@ -114,9 +112,7 @@ def test_volume_pseudo_labels_keep_geometry(tiny_encoder, png_dataset, tmp_path)
     run_medsmile(
         tiny_encoder,
         tmp_path,
-        dataset_dir=data["dataset_dir"],
-        reference_image=data["reference_image"],
-        reference_label=data["reference_label"],
+        **data["inputs"],
         num_rounds=1,
     )
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -229,9 +225,7 @@ def test_finetuned_encoder_feeds_every_later_stage(tiny_encoder, png_dataset, tm
     run_medsmile(
         tiny_encoder,
         tmp_path,
-        dataset_dir=data["dataset_dir"],
-        reference_image=data["reference_image"],
-        reference_label=data["reference_label"],
+        **data["inputs"],
         num_rounds=1,
         finetune_encoder=True,
         finetune_epochs=1,

@@ -41,9 +41,7 @@ def test_skip_bad_inputs_lists_them_and_keeps_going(tiny_encoder, png_dataset, t
     run_medsmile(
         tiny_encoder,
         tmp_path,
-        dataset_dir=str(folder),
-        reference_image=png_dataset["reference_image"],
-        reference_label=png_dataset["reference_label"],
+        **{**png_dataset["inputs"], "dataset_dir": str(folder)},
         num_rounds=1,
         skip_bad_inputs=True,
     )
@@ -99,9 +97,7 @@ def test_same_file_name_in_two_folders_gives_two_outputs(tiny_encoder, png_datas
     run_medsmile(
         tiny_encoder,
         tmp_path,
-        dataset_dir=str(folder),
-        reference_image=png_dataset["reference_image"],
-        reference_label=png_dataset["reference_label"],
+        **{**png_dataset["inputs"], "dataset_dir": str(folder)},
         num_rounds=0,
     )
     labels = tmp_path / "run" / "round_0" / "labels"
