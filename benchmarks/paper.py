@@ -32,7 +32,7 @@ from scripts.metrics import segmentation_scores, summarize
 from scripts.network import Mask2FormerDinov2, network_from_file
 from scripts.pool import resize_image, to_uint8
 from scripts.prototypes import class_prototypes, prototype_scores, soft_labels
-from scripts.training import train_round
+from scripts.training import round_epochs, train_round
 
 DATASETS = {
     "polyp": {"train": ["kvasir_seg", "cvc_clinicdb"], "test": ["kvasir_seg", "cvc_clinicdb"]},
@@ -210,7 +210,7 @@ def supervised_ceiling(cfg: dict, data_root: str, split: dict, out_dir: str) -> 
     train_round(
         network,
         items,
-        cfg["epochs"],
+        round_epochs(len(items), cfg["batch_size"], cfg["epochs"], cfg.get("min_iterations", 0)),
         cfg["batch_size"],
         cfg["learning_rate"],
         cfg["weight_decay"],

@@ -17,6 +17,7 @@ TINY_OVERRIDES = {
     "feature_image_size": 56,
     "image_size": 56,
     "epochs": 1,
+    "min_iterations": 0,
     "num_rounds": 2,
     "hidden_dim": 32,
     "num_queries": 4,

@@ -39,3 +39,11 @@ def test_set_loss_needs_a_training_forward_and_decreases(tiny_encoder):
         opt.step()
         losses.append(loss.item())
     assert min(losses[-5:]) < 0.6 * losses[0]
+
+
+def test_round_epochs_guarantees_a_minimum_of_iterations():
+    from scripts.training import round_epochs
+
+    assert round_epochs(num_items=25, batch_size=4, epochs=10, min_iterations=200) == 34  # 6 steps/epoch
+    assert round_epochs(num_items=1000, batch_size=4, epochs=10, min_iterations=200) == 10
+    assert round_epochs(num_items=3, batch_size=4, epochs=2, min_iterations=5) == 5  # one (short) step per epoch

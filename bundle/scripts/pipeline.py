@@ -30,7 +30,7 @@ from .network import Mask2FormerDinov2
 from .pool import ImagePool, pool_sources, resize_image, to_uint8
 from .prototypes import check_reference_label, class_prototypes, prototype_scores, soft_labels
 from .round_store import begin_round, finish_round, is_complete, read_round_labels, round_dir, write_round_labels
-from .training import predict_and_refine, train_round, training_items
+from .training import predict_and_refine, round_epochs, train_round, training_items
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class MedSMILEPipeline:
         image_size: int = 224,
         num_rounds: int = 3,
         epochs: int = 10,
+        min_iterations: int = 200,
         batch_size: int = 4,
         learning_rate: float = 5e-5,
         weight_decay: float = 0.01,
@@ -290,11 +291,12 @@ class MedSMILEPipeline:
                     }
                 )
         ckpt_dir = os.path.join(self.output_dir, ".checkpoints", f"round_{r}")
-        logger.info("round %d: training on %d images for %d epochs", r, len(items), self.epochs)
+        epochs = round_epochs(len(items), self.batch_size, self.epochs, self.min_iterations)
+        logger.info("round %d: training on %d images for %d epochs", r, len(items), epochs)
         train_info = train_round(
             network,
             items,
-            self.epochs,
+            epochs,
             self.batch_size,
             self.learning_rate,
             self.weight_decay,

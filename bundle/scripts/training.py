@@ -4,6 +4,7 @@ SupervisedEvaluator that predicts the pool with the entropy and KNN-refinement h
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 
@@ -44,6 +45,13 @@ def training_transform() -> Compose:
             RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),
         ]
     )
+
+
+def round_epochs(num_items: int, batch_size: int, epochs: int, min_iterations: int) -> int:
+    """``epochs``, raised so that a round trains at least ``min_iterations`` steps: a fresh Mask2Former needs a few
+    hundred before it predicts anything but background (measured in docs/README.md)."""
+    per_epoch = max(1, num_items // batch_size)
+    return max(epochs, math.ceil(min_iterations / per_epoch))
 
 
 def build_loss(name: str, network: torch.nn.Module) -> torch.nn.Module:
