@@ -64,6 +64,11 @@ def test_pipeline_writes_every_artefact_and_inference_runs(tiny_encoder, png_dat
         assert set(record["timings_s"]) >= {"train", "predict_refine"}
     csv_lines = (run_dir / "round_2" / "uncertainty.csv").read_text().splitlines()
     assert csv_lines[0] == "image,mean_pixel_entropy,refined" and len(csv_lines) == 7
+    # the run ends with the review list (last round, most uncertain first) and the static report
+    entropy = {row.split(",")[0]: float(row.split(",")[1]) for row in csv_lines[1:]}
+    review = (run_dir / "review.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[1] for row in review] == sorted(entropy, key=lambda n: (-entropy[n], n))
+    assert "<img" in (run_dir / "report" / "index.html").read_text()
 
     # models/model.pt loads (weights_only) into inference.json's network_def
     parser = ConfigParser()

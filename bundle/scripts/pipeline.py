@@ -29,6 +29,7 @@ from .image_io import label_slices, read_case, read_label
 from .network import Mask2FormerDinov2
 from .pool import ImagePool, pool_sources, resize_image, to_uint8
 from .prototypes import check_reference_label, class_prototypes, prototype_scores, soft_labels
+from .report import write_report
 from .round_store import begin_round, finish_round, is_complete, read_round_labels, round_dir, write_round_labels
 from .training import predict_and_refine, round_epochs, train_round, training_items
 
@@ -64,6 +65,7 @@ class MedSMILEPipeline:
         datalist: str | None = None,
         reference_image: str | list[str] | None = None,
         reference_label: str | list[str] | None = None,
+        ground_truth_dir: str | None = None,
         num_classes: int = 2,
         slice_axis: int = 2,
         skip_bad_inputs: bool = False,
@@ -123,7 +125,9 @@ class MedSMILEPipeline:
 
     # ------------------------------------------------------------------ set-up
     def _config_fingerprint(self) -> str:
-        keys = sorted(k for k in self.cfg if k not in ("device", "num_workers", "overwrite", "model_path"))
+        keys = sorted(
+            k for k in self.cfg if k not in ("device", "num_workers", "overwrite", "model_path", "ground_truth_dir")
+        )
         text = json.dumps({k: self.cfg[k] for k in keys}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -450,5 +454,6 @@ class MedSMILEPipeline:
             self._export_model(encoder_source)
         self.summary["wall_time_s"] = time.time() - t0
         _atomic_json(summary_path, self.summary)
+        logger.info("review list and report: %s", write_report(self.output_dir, self.ground_truth_dir))
         logger.info("MedSMILE finished in %.1f s; summary: %s", time.time() - t0, summary_path)
         return self.summary
