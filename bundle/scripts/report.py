@@ -391,7 +391,9 @@ def write_report(output_dir: str, ground_truth_dir: str | None = None, num_thumb
     thumbs, last_round = None, None
     if scored:
         _refined_bars(
-            os.path.join(report_dir, "refined_per_round.png"), scored, [len(records[r].get("refined", [])) for r in scored]
+            os.path.join(report_dir, "refined_per_round.png"),
+            scored,
+            [len(records[r].get("refined", [])) for r in scored],
         )
         figures.append(("Images refined per round", "refined_per_round.png"))
         ranked = {r: ranked_uncertainty(output_dir, r) for r in scored}
