@@ -220,6 +220,7 @@ def supervised_ceiling(cfg: dict, data_root: str, split: dict, out_dir: str) -> 
         torch.device("cpu"),
         os.path.join(out_dir, "checkpoints"),
         loss=cfg["loss"],
+        freeze_backbone=cfg.get("freeze_backbone", False),
     )
     return {"test": predict_test(network, data_root, split["tests"], size), "train_s": time.time() - t0}
 

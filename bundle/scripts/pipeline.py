@@ -88,6 +88,7 @@ class MedSMILEPipeline:
         epochs: int = 10,
         min_iterations: int = 200,
         train_fraction: float = 0.5,
+        freeze_backbone: bool = False,
         batch_size: int = 4,
         learning_rate: float = 5e-5,
         weight_decay: float = 0.01,
@@ -345,6 +346,7 @@ class MedSMILEPipeline:
             self.num_workers,
             self.loss,
             seed=self.seed + r,
+            freeze_backbone=self.freeze_backbone,
         )
         t_train = time.time() - t0
         predictions = predict_and_refine(
