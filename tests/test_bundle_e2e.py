@@ -308,3 +308,17 @@ def test_k_shot_references_leave_the_pool_and_keep_their_true_labels(tiny_encode
         # MONAI's PNG reader gives (x, y) spatial order: the numpy (row, column) mask transposed
         expected = torch.as_tensor(np.ascontiguousarray(mask.T))[None]
         assert torch.equal(refs[1]["label"].long(), expected.long())
+
+
+@pytest.mark.parametrize(("text", "expected"), [("false", False), ("False", False), ("true", True), ("1", True)])
+def test_command_line_switches_are_parsed_as_booleans(text, expected):
+    """fire hands ``--refine false`` over as the string "false"; it must switch refinement off, not on."""
+    from scripts.pipeline import as_bool
+
+    assert as_bool("refine", text) is expected
+
+
+def test_a_switch_that_is_not_a_boolean_is_refused(tiny_encoder, png_dataset, tmp_path):
+    with pytest.raises(Exception) as err:
+        run_medsmile(tiny_encoder, tmp_path, **png_dataset["inputs"], refine="maybe")
+    assert "refine must be true or false, got 'maybe'" in chain(err.value)

@@ -53,6 +53,30 @@ def _as_list(value) -> list[str]:
     return [value] if isinstance(value, (str, os.PathLike)) else list(value)
 
 
+BOOLEAN_KEYS = (
+    "skip_bad_inputs",
+    "flip_average",
+    "freeze_backbone",
+    "refine",
+    "train_on_reference",
+    "finetune_encoder",
+    "overwrite",
+    "export_torchscript",
+)
+
+
+def as_bool(name: str, value) -> bool:
+    """A switch given on the command line: ``monai.bundle run`` (fire) passes ``--refine false`` as the string
+    "false", which Python would take as true."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
 def _atomic_json(path: str, data: dict) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -128,6 +152,8 @@ class MedSMILEPipeline:
             raise ValueError(f"train_fraction={train_fraction} must be in (0, 1]")
         feature_layers = list(feature_layers)
         self.cfg = {k: v for k, v in locals().items() if k != "self"}
+        for name in BOOLEAN_KEYS:
+            self.cfg[name] = as_bool(name, self.cfg[name])
         self.cfg["device"] = str(device)
         self.output_dir = os.path.abspath(output_dir)
         self.device = torch.device(device)
