@@ -46,6 +46,8 @@ def test_growing_array_and_row_items(tmp_path):
     items.append({"image": images[0], "label": labels[0][None], "index": -1})
     assert len(items) == 6 and items[5]["index"] == -1 and items[-1]["index"] == -1
     assert torch.equal(items[2]["image"], images[2]) and torch.equal(items[2]["label"], (images[2, :1] % 2))
+    subset = RowItems(on_disk, labels, indices=[4, 1])
+    assert len(subset) == 2 and subset[0]["index"] == 4 and torch.equal(subset[1]["image"], images[1])
     store.remove_all()
     assert not (tmp_path / "cache").exists()
     with pytest.raises(ValueError, match="pool_store must be one of"):

@@ -216,6 +216,7 @@ class MedSMILEPipeline:
         scores = self._store.create("round0_scores", (n, self.num_classes, grid, grid), torch.float32)
         labels = self._store.create("labels_0", (n, size, size), torch.uint8)
         feats = np.zeros((n, encoder.config.hidden_size), dtype=np.float32)
+        foreground = np.zeros(n, dtype=np.int64)  # foreground pixels per image at the training size
         done = 0
         for batch in distributed.shard_loader(RowItems(pool.feature_images), self.batch_size):  # this rank's share
             patch, glob = dinov2_features(encoder, batch["image"].float().div(255).to(self.device))
@@ -225,7 +226,8 @@ class MedSMILEPipeline:
             feats[index.numpy()] = glob.cpu().numpy()
             if distributed.is_main():
                 scores[index] = batch_scores
-                labels[index] = soft_labels(batch_scores, (size, size)).argmax(1).to(torch.uint8)
+                labels[index] = batch_labels = soft_labels(batch_scores, (size, size)).argmax(1).to(torch.uint8)
+                foreground[index.numpy()] = (batch_labels > 0).flatten(1).sum(1).numpy()
             done = min(done + len(index), n)
             logger.info("round 0 features: %d/%d images", done, n)
         t_feat = time.time() - t0
@@ -236,11 +238,10 @@ class MedSMILEPipeline:
             pool, os.path.join(partial, "labels"), lambda i, size: soft_labels(scores[i : i + 1], size)[0]
         )
         np.save(os.path.join(partial, "global_features.npy"), feats)
-        foreground = sum(int((labels[i : i + 256] > 0).sum()) for i in range(0, n, 256))
         record = {
             "round": 0,
             "images": len(pool),
-            "foreground_fraction": foreground / (n * size * size),
+            "foreground_fraction": int(foreground.sum()) / (n * size * size),
             "timings_s": {"features": t_feat, "total": time.time() - t0},
             "label_files": files,
         }

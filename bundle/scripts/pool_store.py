@@ -64,9 +64,9 @@ class DiskArray:
             self._writable = write
         return self._fd
 
-    def close(self) -> None:
+    def close(self, _close=os.close) -> None:  # os.close bound early: __del__ may run at interpreter exit
         if self._fd is not None:
-            os.close(self._fd)
+            _close(self._fd)
             self._fd = None
             self._writable = False
 
@@ -228,27 +228,30 @@ class RowCollector:
 
 
 class RowItems(Sequence):
-    """Dataset items ``{"image", "label", "index"}`` read row by row from the pool arrays (tensor or DiskArray),
-    plus extra in-memory items (the references) after them. A MONAI Dataset reads it lazily, one item at a time."""
+    """Dataset items ``{"image", "label", "index"}`` read row by row from the pool arrays (tensor or DiskArray), for
+    every row or only ``indices``, plus extra in-memory items (the references) after them. A MONAI Dataset reads it
+    lazily, one item at a time."""
 
-    def __init__(self, images, labels=None, extra: list[dict] | None = None):
+    def __init__(self, images, labels=None, indices=None, extra: list[dict] | None = None):
         self.images = images
         self.labels = labels
+        self.rows = range(len(images)) if indices is None else [int(i) for i in indices]
         self.extra = list(extra or [])
 
     def __len__(self) -> int:
-        return len(self.images) + len(self.extra)
+        return len(self.rows) + len(self.extra)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         if i < 0:
             i += len(self)
-        if i >= len(self.images):
-            return self.extra[i - len(self.images)]
-        item = {"image": self.images[i], "index": i}
+        if i >= len(self.rows):
+            return self.extra[i - len(self.rows)]
+        row = self.rows[i]
+        item = {"image": self.images[row], "index": row}
         if self.labels is not None:
-            item["label"] = self.labels[i][None]
+            item["label"] = self.labels[row][None]
         return item
 
     def append(self, item: dict) -> None:

@@ -35,10 +35,11 @@ def _as_float_image(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 255.0
 
 
-def training_items(images: torch.Tensor, labels: torch.Tensor) -> RowItems:
-    """Dataset items: uint8 images (N, 3, S, S) and uint8 labels (N, S, S) -> dicts of image / label / index, read
-    lazily (the arrays may be pool_store.DiskArray files); ``append`` adds in-memory items after them."""
-    return RowItems(images, labels)
+def training_items(images: torch.Tensor, labels: torch.Tensor, indices=None) -> RowItems:
+    """Dataset items: uint8 images (N, 3, S, S) and uint8 labels (N, S, S) -> dicts of image / label / index, for
+    every image or only ``indices``, read lazily (the arrays may be pool_store.DiskArray files); ``append`` adds
+    in-memory items after them."""
+    return RowItems(images, labels, indices)
 
 
 def training_transform() -> Compose:
