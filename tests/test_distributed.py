@@ -18,6 +18,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 from conftest import BUNDLE_ROOT, TINY_OVERRIDES
 from PIL import Image
 from test_bundle_e2e import run_medsmile
@@ -156,3 +157,13 @@ def test_two_processes_match_one_and_only_rank_0_writes(tiny_encoder, png_datase
         u1, u2 = uncertainties(one / "run", r), uncertainties(two / "run", r)
         assert u1.keys() == u2.keys()
         assert max(abs(u1[k] - u2[k]) for k in u1) < 0.01
+
+
+def test_torchrun_without_the_multi_gpu_override_is_refused(monkeypatch, tmp_path):
+    """Without a process group each torchrun worker would run the whole pipeline and write the same files."""
+    from scripts.pipeline import MedSMILEPipeline
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="configs/multi_gpu.json"):
+        MedSMILEPipeline(output_dir=str(tmp_path / "run"), model_path=str(tmp_path / "model.pt")).run()
+    assert not (tmp_path / "run").exists()

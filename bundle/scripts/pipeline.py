@@ -468,6 +468,8 @@ class MedSMILEPipeline:
         if os.path.isfile(summary_path) and not discard_previous:
             with open(summary_path) as f:
                 self.summary = json.load(f)
+        if distributed.world_size() > 1:  # rank 0 fills the encoder cache first; the other ranks then find it there
+            distributed.run_on_main(resolve_encoder, self.encoder_weights, self.encoder_cache_dir)
         encoder_source = resolve_encoder(self.encoder_weights, self.encoder_cache_dir)
         encoder = load_dinov2(encoder_source).to(self.device).eval()
         refs = self._load_references()
