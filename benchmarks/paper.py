@@ -153,20 +153,22 @@ def predict_test(network: torch.nn.Module, data_root: str, tests: dict, image_si
 
 
 @torch.no_grad()
-def round0_test(encoder_weights: str, data_root: str, split: dict, feature_size: int) -> dict:
-    """Round 0 applied to the test images (prototypes of the reference, no training)."""
+def round0_test(cfg: dict, data_root: str, split: dict) -> dict:
+    """Round 0 applied to the test images (prototypes of the reference, no training), with the run's features."""
+    encoder_weights, feature_size = cfg["encoder_weights"], cfg["feature_image_size"]
+    options = {"layers": cfg["feature_layers"], "flip_average": cfg["flip_average"]}
     encoder = load_dinov2(resolve_encoder(encoder_weights)).eval()
     subset, stem = split["reference"]
     _, ref = read_case(image_path(data_root, subset, stem))
     ref_label = torch.as_tensor(read_label(mask_path(data_root, subset, stem))).long()
-    patch, _ = dinov2_features(encoder, resize_image(ref[0], feature_size)[None])
+    patch, _ = dinov2_features(encoder, resize_image(ref[0], feature_size)[None], **options)
     protos = class_prototypes([patch[0]], [ref_label], 2)
     result = {}
     for test_subset, stems in split["tests"].items():
         scores = []
         for test_stem in stems:
             _, slices = read_case(image_path(data_root, test_subset, test_stem))
-            feats, _ = dinov2_features(encoder, resize_image(slices[0], feature_size)[None])
+            feats, _ = dinov2_features(encoder, resize_image(slices[0], feature_size)[None], **options)
             pred = soft_labels(prototype_scores(feats, protos), slices[0].shape[1:]).argmax(1)[0]
             truth = read_label(mask_path(data_root, test_subset, test_stem))
             scores.append(segmentation_scores(pred.numpy(), truth, 2))
@@ -218,6 +220,7 @@ def supervised_ceiling(cfg: dict, data_root: str, split: dict, out_dir: str) -> 
         torch.device("cpu"),
         os.path.join(out_dir, "checkpoints"),
         loss=cfg["loss"],
+        freeze_backbone=cfg.get("freeze_backbone", False),
     )
     return {"test": predict_test(network, data_root, split["tests"], size), "train_s": time.time() - t0}
 
@@ -301,7 +304,7 @@ def main(argv=None) -> None:
         for seed in args.seeds:
             split = choose_split(args.data_root, dataset, seed, bench.get("pool_size"), bench.get("test_size"))
             run = {"seed": seed, "reference": "/".join(split["reference"])}
-            run["round0_test"] = round0_test(cfg["encoder_weights"], args.data_root, split, cfg["feature_image_size"])
+            run["round0_test"] = round0_test(cfg, args.data_root, split)
             for variant in ("medsmile", "no_knn"):
                 if variant not in args.variants:
                     continue

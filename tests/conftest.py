@@ -15,6 +15,7 @@ BUNDLE_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 # network and training sizes that keep an end-to-end run to a few seconds on 2 CPU cores
 TINY_OVERRIDES = {
     "feature_image_size": 56,
+    "feature_layers": [-3, -1],  # the tiny encoder has 2 layers: embeddings + last
     "image_size": 56,
     "epochs": 1,
     "min_iterations": 0,

@@ -64,6 +64,11 @@ def test_pipeline_writes_every_artefact_and_inference_runs(tiny_encoder, png_dat
         assert set(record["timings_s"]) >= {"train", "predict_refine"}
     csv_lines = (run_dir / "round_2" / "uncertainty.csv").read_text().splitlines()
     assert csv_lines[0] == "image,mean_pixel_entropy,refined" and len(csv_lines) == 7
+    # the run ends with the review list (last round, most uncertain first) and the static report
+    entropy = {row.split(",")[0]: float(row.split(",")[1]) for row in csv_lines[1:]}
+    review = (run_dir / "review.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[1] for row in review] == sorted(entropy, key=lambda n: (-entropy[n], n))
+    assert "<img" in (run_dir / "report" / "index.html").read_text()
 
     # models/model.pt loads (weights_only) into inference.json's network_def
     parser = ConfigParser()
@@ -246,3 +251,60 @@ def test_finetuned_encoder_feeds_every_later_stage(tiny_encoder, png_dataset, tm
     _, base = dinov2_features(load_dinov2(tiny_encoder), images)
     np.testing.assert_allclose(saved, tuned.numpy(), atol=1e-5)
     assert not np.allclose(saved, base.numpy(), atol=1e-5)
+
+
+def test_suggest_command_ranks_the_pool_through_medsmile_json(tiny_encoder, png_dataset, tmp_path):
+    run(
+        "suggest",
+        config_file=os.path.join(CONFIGS, "medsmile.json"),
+        bundle_root=BUNDLE_ROOT,
+        output_dir=str(tmp_path / "out"),
+        encoder_weights=tiny_encoder,
+        feature_image_size=56,
+        num_suggestions=3,
+        dataset_dir=png_dataset["dataset_dir"],
+    )
+    rows = (tmp_path / "out" / "suggestions" / "ranking.csv").read_text().splitlines()
+    assert rows[0].startswith("rank,image,score") and len(rows) == 1 + 6  # every pool image, best first
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4, 5, 6]
+    assert Image.open(tmp_path / "out" / "suggestions" / "preview.png").size[0] > 0
+
+
+def test_k_shot_references_leave_the_pool_and_keep_their_true_labels(tiny_encoder, png_dataset, tmp_path, monkeypatch):
+    """K = 2: the second labelled image is a pool file; it must leave the pool (no pseudo-label is ever written for
+    it) and every round must train on it with its true mask."""
+    import scripts.pipeline as pipeline_module
+
+    data = png_dataset
+    rng = np.random.default_rng(5)
+    from conftest import blob_image
+
+    image, mask = blob_image(rng, 56, 56)
+    Image.fromarray(image).save(os.path.join(data["dataset_dir"], "img_extra.png"))
+    (data["root"] / "labels").mkdir()
+    Image.fromarray(mask * 255).save(data["root"] / "labels" / "img_extra_mask.png")
+    seen = []
+    real_train_round = pipeline_module.train_round
+
+    def spy(network, items, *args, **kwargs):
+        seen.append([item for item in items if item["index"] == -1])
+        return real_train_round(network, items, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "train_round", spy)
+    run_medsmile(
+        tiny_encoder,
+        tmp_path,
+        dataset_dir=data["dataset_dir"],
+        reference_image=[data["reference_image"], os.path.join(data["dataset_dir"], "img_extra.png")],
+        reference_label=[data["reference_label"], str(data["root"] / "labels" / "img_extra_mask.png")],
+    )
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["pool"]["images"] == 6
+    for r in range(3):
+        assert not (tmp_path / "run" / f"round_{r}" / "labels" / "img_extra.png").exists()
+    assert len(seen) == 2  # two rounds, each with both references at their true labels
+    for refs in seen:
+        assert len(refs) == 2
+        # MONAI's PNG reader gives (x, y) spatial order: the numpy (row, column) mask transposed
+        expected = torch.as_tensor(np.ascontiguousarray(mask.T))[None]
+        assert torch.equal(refs[1]["label"].long(), expected.long())

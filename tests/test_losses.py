@@ -47,3 +47,22 @@ def test_round_epochs_guarantees_a_minimum_of_iterations():
     assert round_epochs(num_items=25, batch_size=4, epochs=10, min_iterations=200) == 34  # 6 steps/epoch
     assert round_epochs(num_items=1000, batch_size=4, epochs=10, min_iterations=200) == 10
     assert round_epochs(num_items=3, batch_size=4, epochs=2, min_iterations=5) == 5  # one (short) step per epoch
+
+
+def test_frozen_backbone_stays_pretrained_while_the_decoder_trains(tiny_encoder, tmp_path):
+    from scripts.training import train_round
+
+    torch.manual_seed(0)
+    net = Mask2FormerDinov2(2, tiny_encoder, tiny_encoder, hidden_dim=32, num_queries=4, decoder_layers=1)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    images = (torch.rand(4, 3, 56, 56) * 255).to(torch.uint8)
+    labels = torch.zeros(4, 1, 56, 56, dtype=torch.uint8)
+    labels[:, :, 14:42, 14:42] = 1
+    items = [{"image": images[i], "label": labels[i], "index": i} for i in range(4)]
+    info = train_round(net, items, 2, 2, 1e-3, 0.01, 1.0, torch.device("cpu"), str(tmp_path), freeze_backbone=True)
+    assert info["iterations"] == 4
+    after = net.state_dict()
+    backbone = [k for k in after if ".encoder.backbone." in k]
+    assert backbone and all(torch.equal(after[k], before[k]) for k in backbone)
+    decoder = [k for k in after if "transformer_module" in k and after[k].is_floating_point()]
+    assert any(not torch.equal(after[k], before[k]) for k in decoder)

@@ -89,3 +89,24 @@ def test_all_tied_uncertainties_still_leave_certain_images():
     # U >= quantile selects every image when all are equal; the intended 10 % (ceil) is kept instead, by index
     plan = plan_refinement(np.full(12, 0.7), np.eye(12, dtype=np.float32), quantile=0.9, k=2)
     assert plan.uncertain.tolist() == [0, 1]
+
+
+def test_most_certain_keeps_the_lowest_entropy_fraction_with_index_ties():
+    from scripts.refinement import most_certain
+
+    u = np.array([0.5, 0.1, 0.3, 0.1, 0.9])
+    # ceil(0.5 * 5) = 3 lowest: 0.1 (index 1), 0.1 (index 3, tie after 1), 0.3 (index 2); returned ascending
+    assert most_certain(u, 0.5).tolist() == [1, 2, 3]
+    assert most_certain(u, 1.0).tolist() == [0, 1, 2, 3, 4]
+    assert most_certain(u, 0.01).tolist() == [1]  # never empty
+
+
+def test_round_uncertainty_is_read_back_in_pool_order(tmp_path):
+    from scripts.round_store import read_round_uncertainty
+
+    folder = tmp_path / "round_1"
+    folder.mkdir()
+    (folder / "uncertainty.csv").write_text("image,mean_pixel_entropy,refined\nb.png,0.25,0\na.png,0.125,1\n")
+    assert read_round_uncertainty(str(tmp_path), 1, 2).tolist() == [0.25, 0.125]
+    with pytest.raises(ValueError, match=r"uncertainty.csv: 2 rows for a pool of 3 images"):
+        read_round_uncertainty(str(tmp_path), 1, 3)

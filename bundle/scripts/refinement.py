@@ -17,6 +17,18 @@ def mean_pixel_entropy(probs: torch.Tensor) -> torch.Tensor:
     return -plogp.sum(dim=1).flatten(1).mean(dim=1)
 
 
+def most_certain(uncertainty: np.ndarray, fraction: float) -> np.ndarray:
+    """Indices (ascending) of the ceil(fraction * N) images of lowest uncertainty; ties broken by index.
+
+    Why: on one-label pools the per-image mean entropy ranks label quality (Kvasir round 0: Dice 0.59 for the
+    certain half vs 0.40 for the rest), so a round that trains on the certain part learns from cleaner labels
+    and still predicts every image (reliable-image selection, ST++, Yang et al., CVPR 2022).
+    """
+    uncertainty = np.asarray(uncertainty, dtype=np.float64)
+    keep = max(1, math.ceil(len(uncertainty) * fraction))
+    return np.sort(np.argsort(uncertainty, kind="stable")[:keep])
+
+
 @dataclass
 class RefinementPlan:
     """Who is uncertain, their neighbours among the certain images, and the neighbour weights."""

