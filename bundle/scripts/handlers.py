@@ -3,6 +3,9 @@
 - GradientClipHandler: grad-norm clipping between backward and optimizer step of a SupervisedTrainer.
 - PixelEntropyHandler: per-image mean pixel entropy of the evaluator's predictions (METHOD.md step 3).
 - KNNRefinementHandler: once the pool is predicted, replaces the most uncertain labels by a KNN vote (step 4).
+
+In a torchrun job each rank predicts its share of the pool: PixelEntropyHandler all-gathers every batch, so each
+rank knows every uncertainty and rank 0 stores every probability map; KNNRefinementHandler runs on rank 0 alone.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
@@ -36,27 +40,42 @@ class GradientClipHandler:
 
 @dataclass
 class RoundPredictions:
-    """What one round predicts for the pool: class probabilities at the training size, uncertainty, refinement."""
+    """What one round predicts for the pool: class probabilities at the training size, uncertainty, refinement.
 
-    probs: torch.Tensor  # (N, C, S, S) float16
+    A refined image keeps the recipe of its KNN vote (neighbours and weights), not the voted map: the map is
+    recomputed from the neighbours' raw labels when needed, so memory does not grow with the number refined.
+    """
+
+    probs: torch.Tensor  # (N, C, S, S) float16, or a pool_store.DiskArray of that shape
     uncertainty: np.ndarray  # (N,) mean pixel entropy, NaN until predicted
-    refined: dict[int, torch.Tensor] = field(default_factory=dict)  # pool index -> refined soft map (C, S, S)
+    refined: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # index -> (neighbours, weights)
     plan: RefinementPlan | None = None
 
     @classmethod
-    def empty(cls, n: int, num_classes: int, size: int) -> RoundPredictions:
-        return cls(torch.zeros((n, num_classes, size, size), dtype=torch.float16), np.full(n, np.nan))
+    def empty(cls, n: int, num_classes: int, size: int, probs=None) -> RoundPredictions:
+        """``probs``: where to store the probability maps (default: a tensor in RAM)."""
+        if probs is None:
+            probs = torch.zeros((n, num_classes, size, size), dtype=torch.float16)
+        return cls(probs, np.full(n, np.nan))
 
     def soft_label(self, i: int) -> torch.Tensor:
         """The round's label of image i as class probabilities: refined if it was refined, else the raw prediction."""
-        return self.refined[i] if i in self.refined else self.probs[i].float()
+        if i in self.refined:
+            neighbours, weights = self.refined[i]
+            raw = self.probs[neighbours].argmax(1)
+            return refine_soft_label(raw, torch.as_tensor(weights), self.probs.shape[1])
+        return self.probs[i].float()
 
-    def hard_labels(self) -> torch.Tensor:
-        """(N, S, S) uint8 labels for the next round."""
-        labels = self.probs.argmax(1).to(torch.uint8)
-        for i, soft in self.refined.items():
-            labels[i] = soft.argmax(0).to(torch.uint8)
-        return labels
+    def hard_labels(self, out=None, batch_size: int = 64):
+        """(N, S, S) uint8 labels for the next round, written into ``out`` (default: a new tensor) in batches."""
+        n, _, height, width = self.probs.shape
+        if out is None:
+            out = torch.zeros((n, height, width), dtype=torch.uint8)
+        for start in range(0, n, batch_size):
+            out[start : start + batch_size] = self.probs[start : start + batch_size].argmax(1).to(torch.uint8)
+        for i in self.refined:
+            out[i] = self.soft_label(i).argmax(0).to(torch.uint8)
+        return out
 
 
 class PixelEntropyHandler:
@@ -72,9 +91,13 @@ class PixelEntropyHandler:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        probs = engine.state.output[CommonKeys.PRED].detach().float().softmax(dim=1).cpu()
-        index = torch.as_tensor(engine.state.batch["index"]).long()
-        self.predictions.probs[index] = probs.to(torch.float16)
+        probs = engine.state.output[CommonKeys.PRED].detach().float().softmax(dim=1)
+        index = torch.as_tensor(engine.state.batch["index"]).long().to(probs.device)
+        if idist.get_world_size() > 1:
+            probs, index = idist.all_gather(probs), idist.all_gather(index)
+        probs, index = probs.cpu(), index.cpu()
+        if idist.get_rank() == 0:
+            self.predictions.probs[index] = probs.to(torch.float16)
         self.predictions.uncertainty[index.numpy()] = mean_pixel_entropy(probs).double().numpy()
 
 
@@ -103,19 +126,17 @@ class KNNRefinementHandler:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine | None = None) -> None:
+        if idist.get_rank() != 0:  # rank 0 holds the gathered predictions and writes the round
+            return
         preds = self.predictions
         if np.isnan(preds.uncertainty).any():
             raise RuntimeError("refinement needs every pool image predicted; some have no uncertainty")
         plan = plan_refinement(preds.uncertainty, self.global_features, self.quantile, self.k, self.exact_limit)
-        raw = preds.probs.argmax(1)
-        num_classes = preds.probs.shape[1]
         for row, i in enumerate(plan.uncertain):
             valid = plan.neighbours[row] >= 0
-            soft = refine_soft_label(
-                raw[plan.neighbours[row][valid]], torch.as_tensor(plan.weights[row][valid]), num_classes
-            )
-            if soft is not None:
-                preds.refined[int(i)] = soft
+            weights = plan.weights[row][valid]
+            if float(torch.as_tensor(weights).sum()) > 0:  # else refine_soft_label gives None: the raw label stays
+                preds.refined[int(i)] = (plan.neighbours[row][valid], weights)
         preds.plan = plan
         logger.info(
             "refinement: %d of %d images uncertain (U >= %.4f), %d refined",

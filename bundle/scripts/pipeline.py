@@ -3,11 +3,13 @@
 Every finished round lives in its own folder (see ``round_store``); a rerun of the same command skips finished
 rounds, resumes an interrupted round from its last epoch checkpoint, and refuses a changed configuration unless
 ``overwrite`` is set. Each module it calls has one job; this one only orders them and records what happened.
+Under torchrun (configs/multi_gpu.json) every rank runs it: the work is shared (distributed.py), rank 0 alone writes.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from monai.utils import set_determinism
 
+from . import distributed
 from .demo_data import make_demo_data
 from .encoder import EncoderSource, load_dinov2, resolve_encoder
 from .encoder_finetune import finetune_encoder
@@ -28,6 +31,7 @@ from .features import dinov2_features
 from .image_io import label_slices, read_case, read_label
 from .network import Mask2FormerDinov2
 from .pool import ImagePool, pool_sources, resize_image, to_uint8
+from .pool_store import ArrayStore, RowItems
 from .prototypes import check_reference_label, class_prototypes, prototype_scores, soft_labels
 from .refinement import mean_pixel_entropy, most_certain
 from .report import write_report
@@ -144,6 +148,7 @@ class MedSMILEPipeline:
         export_torchscript: bool = True,
         inference_config: str | None = None,
         metadata_file: str | None = None,
+        pool_store: str = "disk",
     ):
         for name, size in (("image_size", image_size), ("feature_image_size", feature_image_size)):
             if size % 14:
@@ -168,7 +173,9 @@ class MedSMILEPipeline:
     # ------------------------------------------------------------------ set-up
     def _config_fingerprint(self) -> str:
         keys = sorted(
-            k for k in self.cfg if k not in ("device", "num_workers", "overwrite", "model_path", "ground_truth_dir")
+            k
+            for k in self.cfg
+            if k not in ("device", "num_workers", "overwrite", "model_path", "ground_truth_dir", "pool_store")
         )
         text = json.dumps({k: self.cfg[k] for k in keys}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -209,7 +216,9 @@ class MedSMILEPipeline:
     def _resolve_inputs(self) -> None:
         """Fill dataset and reference from the generated demo when the user gave none."""
         if self.dataset_dir is None and self.datalist is None:
-            demo = make_demo_data(os.path.join(self.output_dir, "demo_data"), num_images=self.demo_images)
+            demo = distributed.run_on_main(
+                make_demo_data, os.path.join(self.output_dir, "demo_data"), num_images=self.demo_images
+            )
             logger.warning("no dataset_dir or datalist given: running on %s", demo["note"])
             self.cfg.update(dataset_dir=demo["dataset_dir"], demo_note=demo["note"])
             if self.reference_image is None:
@@ -246,53 +255,70 @@ class MedSMILEPipeline:
         if is_complete(self.output_dir, 0):
             logger.info("round 0 is complete in %s: reusing it", r0_dir)
             feats = np.load(os.path.join(r0_dir, "global_features.npy"))
-            labels = read_round_labels(self.output_dir, 0, pool, self.image_size)
-            return labels, feats, read_round_uncertainty(self.output_dir, 0, len(pool))
+            return self._read_labels(0, pool), feats, read_round_uncertainty(self.output_dir, 0, len(pool))
         t0 = time.time()
         ref_feats = []
         for image, _, _ in refs:
             patch, _ = self._features(encoder, resize_image(image, self.feature_image_size)[None])
             ref_feats.append(patch[0].cpu())
         prototypes = class_prototypes(ref_feats, [label for _, label, _ in refs], self.num_classes)
-        scores, globals_ = [], []
-        for start in range(0, len(pool), self.batch_size):
-            batch = pool.feature_images[start : start + self.batch_size].float().div(255).to(self.device)
-            patch, glob = self._features(encoder, batch)
-            scores.append(prototype_scores(patch, prototypes.to(self.device)).cpu())
-            globals_.append(glob.cpu())
-            logger.info("round 0 features: %d/%d images", min(start + self.batch_size, len(pool)), len(pool))
-        scores = torch.cat(scores)
-        feats = torch.cat(globals_).numpy().astype(np.float32)
+        n, size, grid = len(pool), self.image_size, self.feature_image_size // encoder.config.patch_size
+        scores = self._store.create("round0_scores", (n, self.num_classes, grid, grid), torch.float32)
+        labels = self._store.create("labels_0", (n, size, size), torch.uint8)
+        feats = np.zeros((n, encoder.config.hidden_size), dtype=np.float32)
+        uncertainty = np.zeros(n, dtype=np.float64)  # mean pixel entropy of the soft labels, on every rank
+        foreground = np.zeros(n, dtype=np.int64)  # foreground pixels per image at the training size
+        done = 0
+        for batch in distributed.shard_loader(RowItems(pool.feature_images), self.batch_size):  # this rank's share
+            patch, glob = self._features(encoder, batch["image"].float().div(255))
+            batch_scores = prototype_scores(patch, prototypes.to(self.device))
+            index, batch_scores, glob = distributed.gather(batch["index"].to(self.device), batch_scores, glob)
+            index, batch_scores = index.cpu(), batch_scores.cpu()
+            feats[index.numpy()] = glob.cpu().numpy()
+            soft = soft_labels(batch_scores, (size, size))
+            uncertainty[index.numpy()] = mean_pixel_entropy(soft).double().numpy()
+            if distributed.is_main():
+                scores[index] = batch_scores
+                labels[index] = batch_labels = soft.argmax(1).to(torch.uint8)
+                foreground[index.numpy()] = (batch_labels > 0).flatten(1).sum(1).numpy()
+            done = min(done + len(index), n)
+            logger.info("round 0 features: %d/%d images", done, n)
         t_feat = time.time() - t0
+        if not distributed.is_main():
+            return self._store.sync(labels), feats, uncertainty
         partial = begin_round(self.output_dir, 0)
         files = write_round_labels(
             pool, os.path.join(partial, "labels"), lambda i, size: soft_labels(scores[i : i + 1], size)[0]
         )
         np.save(os.path.join(partial, "global_features.npy"), feats)
-        soft = soft_labels(scores, (self.image_size, self.image_size))
-        labels = soft.argmax(1).to(torch.uint8)
-        uncertainty = mean_pixel_entropy(soft).double().numpy()
-        del soft
         self._write_uncertainty_csv(os.path.join(partial, "uncertainty.csv"), pool, uncertainty, set())
         record = {
             "round": 0,
             "images": len(pool),
-            "foreground_fraction": float((labels > 0).float().mean()),
+            "foreground_fraction": int(foreground.sum()) / (n * size * size),
             "timings_s": {"features": t_feat, "total": time.time() - t0},
             "label_files": files,
         }
         finish_round(self.output_dir, 0, partial, record)
         self._record_round(record)
-        return labels, feats, uncertainty
+        return self._store.sync(labels), feats, uncertainty
+
+    def _read_labels(self, r: int, pool: ImagePool):
+        """A finished round's hard labels at the training size, read back from its files by rank 0 and shared."""
+        labels = self._store.create(f"labels_{r}", (len(pool), self.image_size, self.image_size), torch.uint8)
+        if distributed.is_main():
+            read_round_labels(self.output_dir, r, pool, self.image_size, out=labels)
+        return self._store.sync(labels)
 
     def _finetuned_encoder(self, base: EncoderSource, pool: ImagePool) -> EncoderSource:
         """MoCo-style fine-tune of the encoder on the pool (METHOD.md, optional step); every later stage uses it.
         A finished fine-tune in ``encoder_finetuned/`` is reused; an interrupted one resumes from its checkpoint."""
         t0 = time.time()
         out = os.path.join(self.output_dir, "encoder_finetuned")
-        finetune_encoder(
+        distributed.run_on_main(  # not data-parallel: rank 0 fine-tunes (in RAM), the other ranks wait
+            finetune_encoder,
             base.path,
-            pool.feature_images,
+            pool.feature_images[:],
             out,
             epochs=self.finetune_epochs,
             batch_size=self.finetune_batch_size,
@@ -306,7 +332,8 @@ class MedSMILEPipeline:
             device=str(self.device),
             checkpoint_dir=os.path.join(self.output_dir, ".checkpoints", "encoder_finetune"),
         )
-        shutil.rmtree(os.path.join(self.output_dir, ".checkpoints", "encoder_finetune"), ignore_errors=True)
+        if distributed.is_main():
+            shutil.rmtree(os.path.join(self.output_dir, ".checkpoints", "encoder_finetune"), ignore_errors=True)
         self.summary["encoder_finetune_s"] = self.summary.get("encoder_finetune_s", time.time() - t0)
         return resolve_encoder(out)
 
@@ -332,8 +359,7 @@ class MedSMILEPipeline:
         new (labels, uncertainty)."""
         if is_complete(self.output_dir, r):
             logger.info("round %d is complete: reusing it", r)
-            labels = read_round_labels(self.output_dir, r, pool, self.image_size)
-            return labels, read_round_uncertainty(self.output_dir, r, len(pool))
+            return self._read_labels(r, pool), read_round_uncertainty(self.output_dir, r, len(pool))
         set_determinism(seed=self.seed + r)
         t0 = time.time()
         network = self._new_network(encoder_source)
@@ -386,8 +412,14 @@ class MedSMILEPipeline:
             self.knn_k,
             refine=self.refine,
             exact_limit=self.knn_exact_limit,
+            probs=self._store.create(
+                "round_probs", (len(pool), self.num_classes, *(self.image_size,) * 2), torch.float16
+            ),
         )
         t_pred = time.time() - t0 - t_train
+        next_labels = self._store.create(f"labels_{r}", (len(pool), self.image_size, self.image_size), torch.uint8)
+        if not distributed.is_main():  # rank 0 refines and writes the round; the others wait for its labels
+            return self._store.sync(next_labels), predictions.uncertainty
         partial = begin_round(self.output_dir, r)
 
         def soft_at(i, size):
@@ -416,7 +448,7 @@ class MedSMILEPipeline:
         if os.path.isdir(os.path.dirname(ckpt_dir)) and not os.listdir(os.path.dirname(ckpt_dir)):
             os.rmdir(os.path.dirname(ckpt_dir))
         self._record_round(record)
-        return predictions.hard_labels(), predictions.uncertainty
+        return self._store.sync(predictions.hard_labels(out=next_labels)), predictions.uncertainty
 
     @staticmethod
     def _item_name(pool: ImagePool, i: int) -> str:
@@ -490,31 +522,52 @@ class MedSMILEPipeline:
     # ------------------------------------------------------------------ entry point
     def run(self) -> dict:
         t0 = time.time()
-        os.makedirs(self.output_dir, exist_ok=True)
+        if distributed.launched_by_torchrun() and distributed.world_size() == 1:
+            raise RuntimeError(
+                "launched by torchrun with several processes but no process group: add configs/multi_gpu.json, "
+                "--config_file \"['configs/medsmile.json','configs/multi_gpu.json']\""
+            )
+        distributed.run_on_main(os.makedirs, self.output_dir, exist_ok=True)
         self._resolve_inputs()
-        discard_previous = self._check_previous_run()
+        discard_previous = distributed.run_on_main(self._check_previous_run)
         set_determinism(seed=self.seed)
         summary_path = os.path.join(self.output_dir, "summary.json")
         if os.path.isfile(summary_path) and not discard_previous:
             with open(summary_path) as f:
                 self.summary = json.load(f)
+        if distributed.world_size() > 1:  # rank 0 fills the encoder cache first; the other ranks then find it there
+            distributed.run_on_main(resolve_encoder, self.encoder_weights, self.encoder_cache_dir)
         encoder_source = resolve_encoder(self.encoder_weights, self.encoder_cache_dir)
         encoder = load_dinov2(encoder_source).to(self.device).eval()
         refs = self._load_references()
         sources = pool_sources(self.dataset_dir, self.datalist, exclude=_as_list(self.reference_image))
-        pool = ImagePool.load(
-            sources, self.feature_image_size, self.image_size, self.slice_axis, self.dataset_dir, self.skip_bad_inputs
+        self._store = ArrayStore(self.pool_store, os.path.join(self.output_dir, ".cache"))
+        self._store.reset()
+        load = functools.partial(
+            ImagePool.load,
+            sources,
+            self.feature_image_size,
+            self.image_size,
+            self.slice_axis,
+            self.dataset_dir,
+            self.skip_bad_inputs,
+            store=self._store,
         )
-        self._start_run_record(discard_previous)
+        pool = load() if self.pool_store == "memory" else distributed.run_on_main(load)  # on disk: rank 0 writes
+        distributed.run_on_main(self._start_run_record, discard_previous)
         if self.finetune_encoder:
             encoder_source = self._finetuned_encoder(encoder_source, pool)
             encoder = load_dinov2(encoder_source).to(self.device).eval()
         self.summary.update(config=self.cfg, encoder=encoder_source.provenance)
         self.summary.update(pool={"cases": len(pool.cases), "images": len(pool), "skipped": pool.skipped})
+        self.summary.update(processes=distributed.world_size())
         labels, feats, uncertainty = self._round0(encoder, refs, pool)
         del encoder
         for r in range(1, self.num_rounds + 1):
             labels, uncertainty = self._round(r, encoder_source, refs, pool, labels, feats, uncertainty)
+        self._store.remove_all()
+        if not distributed.is_main():
+            return self.summary
         if self.num_rounds > 0:
             self._export_model(encoder_source)
         self.summary["wall_time_s"] = time.time() - t0

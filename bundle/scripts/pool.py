@@ -1,7 +1,8 @@
 """The unlabelled pool: every 2-D image (volume slices included), kept as uint8 at the encoder and training sizes.
 
 Inputs come from a folder or a MONAI datalist JSON; reading goes through ``image_io`` (MONAI readers). Images are
-held once at the round-0 feature size and once at the training size, so later rounds never re-read the files.
+held once at the round-0 feature size and once at the training size, so later rounds never re-read the files:
+in RAM, or streamed to files as they are read (``pool_store``), so that RSS does not grow with the pool.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from monai.data import load_decathlon_datalist
 from monai.transforms import Resize
 
 from .image_io import Case, list_inputs, read_case
+from .pool_store import ArrayStore, RowCollector
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ class ImagePool:
     cases: list[Case]
     items: list[PoolItem]
     feature_images: torch.Tensor  # (N, 3, F, F) uint8, encoder input of round 0 and the KNN features
-    train_images: torch.Tensor  # (N, 3, S, S) uint8, network input of every round
+    train_images: torch.Tensor  # (N, 3, S, S) uint8, network input of every round (both: or pool_store.DiskArray)
     skipped: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -73,12 +75,19 @@ class ImagePool:
         slice_axis: int = 2,
         dataset_root: str | None = None,
         skip_bad_inputs: bool = False,
+        store: ArrayStore | None = None,
     ) -> ImagePool:
         """Read every source (image file, volume or DICOM series folder) and resize its slices.
 
         A bad file raises ValueError naming it, or is logged and listed in ``skipped`` when ``skip_bad_inputs``.
+        ``store``: where the resized images go (default: tensors in RAM).
         """
-        cases, items, feats, trains, skipped = [], [], [], [], []
+        cases, items, skipped = [], [], []
+        if store is None:
+            feats, trains = RowCollector(None), RowCollector(None)
+        else:
+            feats = store.growing("pool_feature_images", (3, feature_size, feature_size), torch.uint8)
+            trains = store.growing("pool_train_images", (3, train_size, train_size), torch.uint8)
         for source in sources:
             try:
                 case, slices = read_case(source, slice_axis=slice_axis, dataset_root=dataset_root)
@@ -100,7 +109,7 @@ class ImagePool:
         if len(set(names)) != len(names):
             raise ValueError("two inputs map to the same output name; keep file names unique per folder")
         logger.info("pool: %d images from %d inputs (%d skipped)", len(items), len(cases), len(skipped))
-        return cls(cases, items, torch.stack(feats), torch.stack(trains), skipped)
+        return cls(cases, items, feats.finish(), trains.finish(), skipped)
 
 
 def pool_sources(

@@ -82,12 +82,13 @@ def read_round_uncertainty(output_dir: str, r: int, num_images: int) -> np.ndarr
     return np.asarray(values)
 
 
-def read_round_labels(output_dir: str, r: int, pool: ImagePool, size: int) -> torch.Tensor:
-    """Hard labels (N, size, size) uint8 of a finished round, read back from its files (nearest resizing)."""
+def read_round_labels(output_dir: str, r: int, pool: ImagePool, size: int, out=None) -> torch.Tensor:
+    """Hard labels (N, size, size) uint8 of a finished round, read back from its files (nearest resizing) into
+    ``out`` (default: a new tensor; or a pool_store.DiskArray, filled row by row)."""
     folder = round_dir(output_dir, r)
     with open(os.path.join(folder, ROUND_FILE)) as f:
         files = json.load(f)["label_files"]
-    labels = torch.zeros((len(pool), size, size), dtype=torch.uint8)
+    labels = torch.zeros((len(pool), size, size), dtype=torch.uint8) if out is None else out
     cache: tuple[int, list[np.ndarray]] | None = None
     for i, item in enumerate(pool.items):
         case = pool.cases[item.case]

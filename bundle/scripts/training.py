@@ -1,5 +1,8 @@
 """One self-training round on MONAI engines: a SupervisedTrainer on the current pseudo-labels, then a
-SupervisedEvaluator that predicts the pool with the entropy and KNN-refinement handlers attached."""
+SupervisedEvaluator that predicts the pool with the entropy and KNN-refinement handlers attached.
+
+Under torchrun (see distributed.py) the trainer runs DDP on a DistributedSampler and the evaluator predicts each
+rank's share of the pool; single-process runs are unchanged."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import numpy as np
 import torch
 from ignite.contrib.handlers import ProgressBar
 from ignite.engine import Events
-from monai.data import DataLoader, Dataset
+from monai.data import Dataset
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import CheckpointLoader, CheckpointSaver, LrScheduleHandler, StatsHandler, from_engine
 from monai.inferers import SimpleInferer
@@ -20,8 +23,10 @@ from monai.losses import DiceCELoss
 from monai.transforms import Compose, Lambdad, RandFlipd
 from monai.utils import set_determinism
 
+from . import distributed
 from .handlers import GradientClipHandler, KNNRefinementHandler, PixelEntropyHandler, RoundPredictions
 from .losses import Mask2FormerSemanticLoss
+from .pool_store import RowItems
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +35,11 @@ def _as_float_image(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 255.0
 
 
-def training_items(images: torch.Tensor, labels: torch.Tensor, indices=None) -> list[dict]:
-    """Dataset items: uint8 images (N, 3, S, S) and uint8 labels (N, S, S) -> dicts of image / label / index,
-    for every image or only ``indices``."""
-    indices = range(len(images)) if indices is None else [int(i) for i in indices]
-    return [{"image": images[i], "label": labels[i][None], "index": i} for i in indices]
+def training_items(images: torch.Tensor, labels: torch.Tensor, indices=None) -> RowItems:
+    """Dataset items: uint8 images (N, 3, S, S) and uint8 labels (N, S, S) -> dicts of image / label / index, for
+    every image or only ``indices``, read lazily (the arrays may be pool_store.DiskArray files); ``append`` adds
+    in-memory items after them."""
+    return RowItems(images, labels, indices)
 
 
 def training_transform() -> Compose:
@@ -88,13 +93,7 @@ def train_round(
     inside a round costs at most one epoch.
     """
     transform = training_transform()
-    loader = DataLoader(
-        Dataset(items, transform=transform),
-        batch_size=batch_size,
-        shuffle=True,
-        num_workers=num_workers,
-        drop_last=len(items) > batch_size,
-    )
+    loader = distributed.train_loader(Dataset(items, transform=transform), batch_size, num_workers, seed=seed)
     if freeze_backbone:
         network.backbone.requires_grad_(False)
     trainable = [p for p in network.parameters() if p.requires_grad]
@@ -105,7 +104,7 @@ def train_round(
         device=device,
         max_epochs=epochs,
         train_data_loader=loader,
-        network=network,
+        network=distributed.wrap_model(network),  # DDP under torchrun; checkpoints hold the bare network
         optimizer=optimizer,
         loss_function=build_loss(loss, network),
         inferer=SimpleInferer(),
@@ -153,7 +152,8 @@ def _latest_checkpoint(folder: str) -> str | None:
             return path
         except (EOFError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as err:  # truncated or corrupt
             logger.warning("discarding unreadable checkpoint %s (%s)", path, err)
-            os.remove(path)
+            if distributed.is_main():  # every rank skips it; rank 0 alone writes
+                os.remove(path)
     return None
 
 
@@ -168,11 +168,14 @@ def predict_and_refine(
     k: int,
     refine: bool = True,
     exact_limit: int = 50_000,
+    probs=None,
 ) -> RoundPredictions:
-    """Predict every pool image with an Ignite evaluator; entropy per image; KNN refinement at the end."""
-    predictions = RoundPredictions.empty(len(images), num_classes, images.shape[-1])
-    items = [{"image": images[i], "index": i} for i in range(len(images))]
-    loader = DataLoader(Dataset(items, transform=Lambdad(keys="image", func=_as_float_image)), batch_size=batch_size)
+    """Predict every pool image with an Ignite evaluator; entropy per image; KNN refinement at the end.
+
+    ``probs``: where the (N, C, S, S) float16 probability maps go (default: a tensor in RAM)."""
+    predictions = RoundPredictions.empty(len(images), num_classes, images.shape[-1], probs=probs)
+    dataset = Dataset(RowItems(images), transform=Lambdad(keys="image", func=_as_float_image))
+    loader = distributed.shard_loader(dataset, batch_size)
     evaluator = SupervisedEvaluator(
         device=device, val_data_loader=loader, network=network, inferer=SimpleInferer(), decollate=False
     )
