@@ -36,6 +36,7 @@ from scripts.demo_data import make_demo_data
 
 TINY = {
     "feature_image_size": 56,
+    "feature_layers": "[-3,-1]",  # the tiny encoder has 2 layers
     "image_size": 56,
     "epochs": 1,
     "min_iterations": 0,

@@ -32,6 +32,7 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = os.path.join(REPO, "bundle")
 TINY = {
+    "feature_layers": "[-3,-1]",  # the tiny encoder has 2 layers (ignored by bundles older than that option)
     "epochs": 1,
     "min_iterations": 0,
     "num_rounds": 1,
