@@ -106,7 +106,7 @@ def _lower_suffix(path: str | os.PathLike) -> str:
     return ""
 
 
-def _split_name(path: str | os.PathLike) -> tuple[str, str]:
+def split_name(path: str | os.PathLike) -> tuple[str, str]:
     """``(stem, suffix)`` with the suffix as written in the file name (``.nii.gz`` counted as one suffix)."""
     name = os.path.basename(os.path.normpath(os.fspath(path)))
     suffix = _lower_suffix(name)
@@ -195,13 +195,13 @@ def _input_stem(path: str) -> tuple[str, str] | None:
         return None
     if os.path.isdir(path):
         return (base, "dcm") if _is_series_folder(_dicom_files_in(path)) else None
-    stem, suffix = _split_name(path)
+    stem, suffix = split_name(path)
     if _lower_suffix(path) in IMAGE_SUFFIXES + NIFTI_SUFFIXES or _is_dicom_file(path):
         return stem, (suffix.lstrip(".").replace(".", "_") or "noext")
     return None
 
 
-def _case_name(path: str, dataset_root: str | os.PathLike | None) -> str:
+def case_name(path: str, dataset_root: str | os.PathLike | None) -> str:
     """Output name: the path relative to ``dataset_root`` without suffix, using ``/`` as separator.
 
     When a sibling input has the same stem (``a.png`` and ``a.jpg``, or a series folder ``a`` next to ``a.nii.gz``)
@@ -209,7 +209,7 @@ def _case_name(path: str, dataset_root: str | os.PathLike | None) -> str:
     """
     path = os.path.normpath(path)
     parent = os.path.dirname(path)
-    stem, suffix = _split_name(path)
+    stem, suffix = split_name(path)
     tag = (_input_stem(path) or (stem, suffix.lstrip(".").replace(".", "_") or "noext"))[1]
     # Probe the few names that could collide instead of listing the folder (cheap for folders with many files).
     candidates = {os.path.join(parent, stem)}
@@ -446,7 +446,7 @@ def read_case(
     )
     case = Case(
         source=path,
-        name=_case_name(path, dataset_root),
+        name=case_name(path, dataset_root),
         is_volume=is_volume,
         slice_axis=slice_axis if is_volume else None,
         spatial_shape=spatial_shape,

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from .image_io import _case_name, _split_name, label_slices, read_case, read_label
+from .image_io import case_name, label_slices, read_case, read_label, split_name
 from .metrics import evaluate_rounds
 from .pool import pool_sources
 
@@ -200,9 +200,9 @@ def _source_paths(config: dict, cases: set[str]) -> dict[str, str]:
         return {}
     found = {}
     for source in sources:
-        stem = _split_name(source)[0]
+        stem = split_name(source)[0]
         if any(leaf == stem or leaf.startswith(stem + "_") for leaf in leaves):
-            name = _case_name(source, config.get("dataset_dir"))
+            name = case_name(source, config.get("dataset_dir"))
             if name in cases:
                 found[name] = source
     return found
