@@ -10,6 +10,7 @@ Profiles are config override files in ``bundle/configs/profiles/`` (merged over 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import resource
@@ -82,6 +83,27 @@ def choose_split(data_root: str, dataset: str, seed: int, pool_size: int, test_s
     return {"reference": reference, "pool": pool, "tests": tests}
 
 
+def suggested_split(split: dict, data_root: str, profile: str, out_dir: str, seed: int, overrides: dict) -> dict:
+    """The same population of images as ``split`` (its reference + pool), but the reference is the top image of
+    ``monai.bundle run suggest`` (issue 8) whose ground-truth mask is not empty, as a user would pick it."""
+    population = [split["reference"], *split["pool"]]
+    os.makedirs(out_dir, exist_ok=True)
+    datalist = os.path.join(out_dir, "datalist.json")
+    write_datalist(datalist, data_root, population)
+    configs = f"['configs/medsmile.json','configs/profiles/{profile}.json']"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "suggest", "--config_file", configs, "--datalist", datalist]
+    cmd += ["--dataset_dir", os.path.abspath(data_root), "--output_dir", out_dir, "--seed", str(seed)]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", str(value)]
+    with open(os.path.join(out_dir, "log.txt"), "w") as log:
+        subprocess.run(cmd, cwd=BUNDLE, check=True, stdout=log, stderr=subprocess.STDOUT)
+    by_path = {os.path.realpath(image_path(data_root, *case)): case for case in population}
+    with open(os.path.join(out_dir, "suggestions", "ranking.csv"), newline="") as f:
+        ranked = [by_path[os.path.realpath(row["source"])] for row in csv.DictReader(f)]
+    reference = next(c for c in ranked if read_label(mask_path(data_root, *c)).any())
+    return {**split, "reference": reference, "pool": [c for c in population if c != reference]}
+
+
 def write_datalist(path: str, data_root: str, pool: list) -> None:
     entries = [{"image": os.path.relpath(image_path(data_root, s, stem), data_root)} for s, stem in pool]
     with open(path, "w") as f:
@@ -133,23 +155,35 @@ def pool_label_dice(run_dir: str, data_root: str) -> list[float]:
 
 
 @torch.no_grad()
-def predict_test(network: torch.nn.Module, data_root: str, tests: dict, image_size: int) -> dict:
-    """mDice / mIoU of a network on each test split (prediction at image_size, upsampled to the native size)."""
+def predict_scores(network: torch.nn.Module, data_root: str, cases: list, image_size: int) -> dict:
+    """mDice / mIoU of a network on (subset, stem) cases: prediction at image_size, upsampled to the native size."""
     network.eval()
-    result = {}
-    for subset, stems in tests.items():
-        scores = []
-        for stem in stems:
-            _, slices = read_case(image_path(data_root, subset, stem))
-            x = resize_image(slices[0], image_size)[None]
-            probs = network(x).softmax(1)
-            probs = F.interpolate(probs, size=slices[0].shape[1:], mode="bilinear", align_corners=False)
-            scores.append(
-                segmentation_scores(probs.argmax(1)[0].numpy(), read_label(mask_path(data_root, subset, stem)), 2)
-            )
-        s = summarize(scores, 2)
-        result[subset] = {"dice": s["mean_dice"], "iou": s["mean_iou"]}
-    return result
+    scores = []
+    for subset, stem in cases:
+        _, slices = read_case(image_path(data_root, subset, stem))
+        probs = network(resize_image(slices[0], image_size)[None]).softmax(1)
+        probs = F.interpolate(probs, size=slices[0].shape[1:], mode="bilinear", align_corners=False)
+        scores.append(
+            segmentation_scores(probs.argmax(1)[0].numpy(), read_label(mask_path(data_root, subset, stem)), 2)
+        )
+    s = summarize(scores, 2)
+    return {"dice": s["mean_dice"], "iou": s["mean_iou"]}
+
+
+def predict_test(network: torch.nn.Module, data_root: str, tests: dict, image_size: int) -> dict:
+    """predict_scores on each test split."""
+    return {
+        subset: predict_scores(network, data_root, [(subset, s) for s in stems], image_size)
+        for subset, stems in tests.items()
+    }
+
+
+def unrefined_pool_dice(out_dir: str, data_root: str, split: dict, image_size: int) -> float:
+    """Pool Dice of the last round's network predictions BEFORE KNN refinement. With one round the no-KNN ablation
+    trains the very same network on the same round-0 labels, so this is its round-1 pool Dice without a second run."""
+    network = network_from_file(os.path.join(out_dir, "models", "network.json"))
+    network.load_state_dict(torch.load(os.path.join(out_dir, "run", "round_1", "model.pt"), weights_only=True))
+    return predict_scores(network, data_root, split["pool"], image_size)["dice"]
 
 
 @torch.no_grad()
@@ -247,6 +281,7 @@ def markdown(results: dict, profile: str, command: str) -> str:
             "| variant | test split | round 0 | " + " | ".join(f"round {r}" for r in range(1, res["rounds"] + 1)) + " |"
         ]
         lines += ["|---" * (3 + res["rounds"]) + "|"]
+        notes = []
         for variant in ("medsmile", "no_knn"):
             if variant not in res["runs"][0]:
                 continue
@@ -259,6 +294,11 @@ def markdown(results: dict, profile: str, command: str) -> str:
                 lines.append(f"| {variant} test Dice | {subset} | {mean_std(r0)} | " + " | ".join(cells) + " |")
             pool = [mean_std([run[variant]["pool_dice"][r] for run in res["runs"]]) for r in range(res["rounds"] + 1)]
             lines.append(f"| {variant} pool pseudo-label Dice | pool | " + " | ".join(pool) + " |")
+        if res["runs"][0].get("no_knn", {}).get("derived_from_medsmile"):
+            notes.append(
+                "no_knn with one round: the same network as medsmile (both train on the round-0 labels), so its test "
+                "Dice is medsmile's; its round-1 pool Dice is that network's own predictions, before KNN refinement."
+            )
         if "supervised" in res:
             for subset in res["test_subsets"]:
                 sup = res["supervised"]["test"][subset]["dice"]
@@ -267,7 +307,11 @@ def markdown(results: dict, profile: str, command: str) -> str:
                     f"| fully supervised (same net, budget) | {subset} | {sup:.3f} | recovery of final one-label Dice: "
                     f"{mean_std([f / sup for f in final]) if sup > 0 else '-'} |"
                 )
+        refs = ", ".join(f"seed {run['seed']}: {run['reference']}" for run in res["runs"])
+        choice = res["runs"][0].get("reference_choice", "random")
+        notes.append(f"Labelled reference ({choice}): {refs}.")
         t = res["timing"]
+        lines += [""] + notes
         lines += [
             "",
             (
@@ -288,13 +332,23 @@ def main(argv=None) -> None:
     parser.add_argument("--data_root", default=os.path.join(REPO, "..", "shared", "data"))
     parser.add_argument("--results_dir", default=os.path.join(REPO, "results"))
     parser.add_argument("--variants", nargs="+", default=["medsmile", "no_knn", "supervised"])
+    parser.add_argument(
+        "--reference",
+        default="random",
+        choices=["random", "suggested"],
+        help="random: a seeded train image (the paper); suggested: the top of `run suggest` on the same images",
+    )
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides key=value (JSON values)")
     args = parser.parse_args(argv)
     profile = load_profile(args.profile)
     bench = profile.get("benchmark", {})
     extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     cfg = {**effective_config(args.profile), **extra}
-    tag = args.profile + "".join(f"_{k}-{os.path.basename(str(v))}" for k, v in extra.items())
+    tag = (
+        args.profile
+        + ("_suggested" if args.reference == "suggested" else "")
+        + "".join(f"_{k}-{os.path.basename(str(v))}" for k, v in extra.items())
+    )
     out_root = os.path.join(args.results_dir, tag)
     os.makedirs(out_root, exist_ok=True)
     command = "python -m benchmarks.paper " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -303,10 +357,28 @@ def main(argv=None) -> None:
         runs, timings = [], []
         for seed in args.seeds:
             split = choose_split(args.data_root, dataset, seed, bench.get("pool_size"), bench.get("test_size"))
-            run = {"seed": seed, "reference": "/".join(split["reference"])}
+            if args.reference == "suggested":
+                split = suggested_split(
+                    split,
+                    args.data_root,
+                    args.profile,
+                    os.path.join(out_root, dataset, f"seed{seed}", "suggest"),
+                    seed,
+                    extra,
+                )
+            run = {"seed": seed, "reference": "/".join(split["reference"]), "reference_choice": args.reference}
             run["round0_test"] = round0_test(cfg, args.data_root, split)
             for variant in ("medsmile", "no_knn"):
                 if variant not in args.variants:
+                    continue
+                if variant == "no_knn" and cfg["num_rounds"] == 1 and "medsmile" in run:
+                    medsmile_dir = os.path.join(out_root, dataset, f"seed{seed}", "medsmile")
+                    unrefined = unrefined_pool_dice(medsmile_dir, args.data_root, split, cfg["image_size"])
+                    run[variant] = {
+                        "pool_dice": [run["medsmile"]["pool_dice"][0], unrefined],
+                        "test": run["medsmile"]["test"],
+                        "derived_from_medsmile": True,
+                    }
                     continue
                 out_dir = os.path.join(out_root, dataset, f"seed{seed}", variant)
                 overrides = {"seed": seed, **extra, **({"refine": False} if variant == "no_knn" else {})}

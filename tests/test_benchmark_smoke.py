@@ -44,3 +44,27 @@ def test_benchmark_smoke_profile_writes_its_table(tiny_encoder, tmp_path):
     assert 0.0 <= res["supervised"]["test"]["busi"]["dice"] <= 1.0
     table = (out / "results.md").read_text()
     assert "| medsmile pool pseudo-label Dice | pool |" in table and "fully supervised" in table
+
+
+def test_one_round_ablation_is_scored_from_the_medsmile_network(tiny_encoder, tmp_path):
+    """With one round both variants train the same network on the round-0 labels: the no-KNN row reuses it."""
+    data_root = fake_data_root(tmp_path / "data")
+    results = tmp_path / "results"
+    paper.main(
+        [
+            "--profile", "smoke", "--dataset", "busi", "--seeds", "0", "--variants", "medsmile", "no_knn",
+            "--reference", "suggested", "--data_root", str(data_root), "--results_dir", str(results),
+            "--set", f'encoder_weights="{tiny_encoder}"',
+        ]
+    )  # fmt: skip
+    out = results / f"smoke_suggested_encoder_weights-{os.path.basename(tiny_encoder)}"
+    run = json.loads((out / "busi.json").read_text())["runs"][0]
+    assert run["no_knn"]["derived_from_medsmile"] and run["no_knn"]["test"] == run["medsmile"]["test"]
+    assert run["no_knn"]["pool_dice"][0] == run["medsmile"]["pool_dice"][0]
+    assert not (out / "busi" / "seed0" / "no_knn").exists()  # no second training run
+    # the suggested reference is the top-ranked image of `run suggest` with a non-empty mask (all blobs are)
+    ranking = (out / "busi" / "seed0" / "suggest" / "suggestions" / "ranking.csv").read_text().splitlines()
+    top = ranking[1].split(",")[1]
+    assert run["reference"] == f"busi/{os.path.splitext(os.path.basename(top))[0]}"
+    assert run["reference_choice"] == "suggested"
+    assert "Labelled reference (suggested)" in (out / "results.md").read_text()
