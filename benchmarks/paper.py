@@ -417,8 +417,11 @@ def main(argv=None) -> None:
                 "peak_rss_mb": float(max(r.get("peak_rss_mb", 0) for r in rounds)),
             }
         results[dataset] = res
+        res["command"] = command
         with open(os.path.join(out_root, f"{dataset}.json"), "w") as f:
             json.dump(res, f, indent=1, default=str)
+        with open(os.path.join(out_root, f"{dataset}.md"), "w") as f:  # results.md holds this invocation's sets only
+            f.write(markdown({dataset: res}, tag, command) + "\n")
     md = markdown(results, tag, command)
     with open(os.path.join(out_root, "results.md"), "w") as f:
         f.write(md + "\n")

@@ -44,6 +44,7 @@ def test_benchmark_smoke_profile_writes_its_table(tiny_encoder, tmp_path):
     assert 0.0 <= res["supervised"]["test"]["busi"]["dice"] <= 1.0
     table = (out / "results.md").read_text()
     assert "| medsmile pool pseudo-label Dice | pool |" in table and "fully supervised" in table
+    assert (out / "busi.md").read_text() == table  # one file per dataset survives later invocations
 
 
 def test_one_round_ablation_is_scored_from_the_medsmile_network(tiny_encoder, tmp_path):
