@@ -20,7 +20,14 @@ from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
 
-from .refinement import RefinementPlan, mean_pixel_entropy, plan_refinement, refine_soft_label
+from .losses import IGNORE_LABEL
+from .refinement import (
+    RefinementPlan,
+    mark_uncertain_pixels,
+    mean_pixel_entropy,
+    plan_refinement,
+    refine_soft_label,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,15 +73,20 @@ class RoundPredictions:
             return refine_soft_label(raw, torch.as_tensor(weights), self.probs.shape[1])
         return self.probs[i].float()
 
-    def hard_labels(self, out=None, batch_size: int = 64):
-        """(N, S, S) uint8 labels for the next round, written into ``out`` (default: a new tensor) in batches."""
+    def hard_labels(self, out=None, batch_size: int = 64, ignore_fraction: float = 0.0):
+        """(N, S, S) uint8 labels for the next round, written into ``out`` (default: a new tensor) in batches; the
+        ``ignore_fraction`` least certain pixels of each image are set to ``IGNORE_LABEL`` (mark_uncertain_pixels)."""
         n, _, height, width = self.probs.shape
         if out is None:
             out = torch.zeros((n, height, width), dtype=torch.uint8)
         for start in range(0, n, batch_size):
-            out[start : start + batch_size] = self.probs[start : start + batch_size].argmax(1).to(torch.uint8)
+            probs = torch.as_tensor(self.probs[start : start + batch_size])
+            out[start : start + batch_size] = mark_uncertain_pixels(
+                probs.argmax(1).to(torch.uint8), probs, ignore_fraction, IGNORE_LABEL
+            )
         for i in self.refined:
-            out[i] = self.soft_label(i).argmax(0).to(torch.uint8)
+            soft = self.soft_label(i)[None]
+            out[i] = mark_uncertain_pixels(soft.argmax(1).to(torch.uint8), soft, ignore_fraction, IGNORE_LABEL)[0]
         return out
 
 

@@ -29,11 +29,12 @@ from .encoder import EncoderSource, load_dinov2, resolve_encoder
 from .encoder_finetune import finetune_encoder
 from .features import dinov2_features
 from .image_io import label_slices, read_case, read_label
+from .losses import IGNORE_LABEL
 from .network import Mask2FormerDinov2
 from .pool import ImagePool, pool_sources, resize_image, to_uint8
 from .pool_store import ArrayStore, RowItems
 from .prototypes import check_reference_label, class_prototypes, prototype_scores, soft_labels
-from .refinement import mean_pixel_entropy, most_certain
+from .refinement import mark_uncertain_pixels, mean_pixel_entropy, most_certain
 from .report import write_report
 from .round_store import (
     begin_round,
@@ -42,6 +43,7 @@ from .round_store import (
     read_round_labels,
     read_round_uncertainty,
     round_dir,
+    write_ignored_pixels,
     write_round_labels,
 )
 from .training import predict_and_refine, round_epochs, train_round, training_items
@@ -116,6 +118,7 @@ class MedSMILEPipeline:
         epochs: int = 10,
         min_iterations: int = 200,
         train_fraction: float = 1.0,
+        ignore_uncertain_pixels: float = 0.0,
         freeze_backbone: bool = True,
         batch_size: int = 4,
         learning_rate: float = 5e-5,
@@ -155,6 +158,8 @@ class MedSMILEPipeline:
                 raise ValueError(f"{name}={size} must be a multiple of the DINOv2 patch size 14")
         if not 0 < train_fraction <= 1:
             raise ValueError(f"train_fraction={train_fraction} must be in (0, 1]")
+        if not 0 <= ignore_uncertain_pixels < 1:
+            raise ValueError(f"ignore_uncertain_pixels={ignore_uncertain_pixels} must be in [0, 1)")
         feature_layers = list(feature_layers)
         self.cfg = {k: v for k, v in locals().items() if k != "self"}
         for name in BOOLEAN_KEYS:
@@ -279,8 +284,9 @@ class MedSMILEPipeline:
             uncertainty[index.numpy()] = mean_pixel_entropy(soft).double().numpy()
             if distributed.is_main():
                 scores[index] = batch_scores
-                labels[index] = batch_labels = soft.argmax(1).to(torch.uint8)
+                batch_labels = soft.argmax(1).to(torch.uint8)
                 foreground[index.numpy()] = (batch_labels > 0).flatten(1).sum(1).numpy()
+                labels[index] = mark_uncertain_pixels(batch_labels, soft, self.ignore_uncertain_pixels, IGNORE_LABEL)
             done = min(done + len(index), n)
             logger.info("round 0 features: %d/%d images", done, n)
         t_feat = time.time() - t0
@@ -291,6 +297,8 @@ class MedSMILEPipeline:
             pool, os.path.join(partial, "labels"), lambda i, size: soft_labels(scores[i : i + 1], size)[0]
         )
         np.save(os.path.join(partial, "global_features.npy"), feats)
+        if self.ignore_uncertain_pixels > 0:
+            write_ignored_pixels(partial, labels, IGNORE_LABEL)
         self._write_uncertainty_csv(os.path.join(partial, "uncertainty.csv"), pool, uncertainty, set())
         record = {
             "round": 0,
@@ -304,10 +312,10 @@ class MedSMILEPipeline:
         return self._store.sync(labels), feats, uncertainty
 
     def _read_labels(self, r: int, pool: ImagePool):
-        """A finished round's hard labels at the training size, read back from its files by rank 0 and shared."""
+        """A finished round's training labels at the training size, read back from its files by rank 0 and shared."""
         labels = self._store.create(f"labels_{r}", (len(pool), self.image_size, self.image_size), torch.uint8)
         if distributed.is_main():
-            read_round_labels(self.output_dir, r, pool, self.image_size, out=labels)
+            read_round_labels(self.output_dir, r, pool, self.image_size, out=labels, ignore_value=IGNORE_LABEL)
         return self._store.sync(labels)
 
     def _finetuned_encoder(self, base: EncoderSource, pool: ImagePool) -> EncoderSource:
@@ -427,6 +435,9 @@ class MedSMILEPipeline:
             return F.interpolate(soft, size=size, mode="bilinear", align_corners=False)[0]
 
         files = write_round_labels(pool, os.path.join(partial, "labels"), soft_at)
+        predictions.hard_labels(out=next_labels, ignore_fraction=self.ignore_uncertain_pixels)
+        if self.ignore_uncertain_pixels > 0:
+            write_ignored_pixels(partial, next_labels, IGNORE_LABEL)
         torch.save(network.state_dict(), os.path.join(partial, "model.pt"))
         refined = sorted(predictions.refined)
         self._write_uncertainty_csv(
@@ -448,7 +459,7 @@ class MedSMILEPipeline:
         if os.path.isdir(os.path.dirname(ckpt_dir)) and not os.listdir(os.path.dirname(ckpt_dir)):
             os.rmdir(os.path.dirname(ckpt_dir))
         self._record_round(record)
-        return self._store.sync(predictions.hard_labels(out=next_labels)), predictions.uncertainty
+        return self._store.sync(next_labels), predictions.uncertainty
 
     @staticmethod
     def _item_name(pool: ImagePool, i: int) -> str:

@@ -29,6 +29,27 @@ def most_certain(uncertainty: np.ndarray, fraction: float) -> np.ndarray:
     return np.sort(np.argsort(uncertainty, kind="stable")[:keep])
 
 
+def mark_uncertain_pixels(labels: torch.Tensor, soft: torch.Tensor, fraction: float, ignore_value: int = 255):
+    """Set ``ignore_value`` in ``labels`` (B, H, W) at the ``fraction`` of each image's pixels whose soft label
+    (B, C, H, W) has the smallest margin between its two most probable classes; returns ``labels`` (changed in place).
+
+    Why: a prototype or network pseudo-label is wrong mostly where its classes are close; training on those pixels
+    copies the noise (FINDINGS.md: ignoring the 50 % smallest-margin pixels raised one round's Kvasir test Dice from
+    0.32 to 0.37). Exactly ``int(fraction * H * W)`` pixels per image; ties broken by pixel order (deterministic).
+    """
+    if fraction <= 0:
+        return labels
+    top2 = soft.float().topk(2, dim=1).values
+    margin = (top2[:, 0] - top2[:, 1]).flatten(1)  # (B, H*W)
+    count = int(fraction * margin.shape[1])
+    if count == 0:
+        return labels
+    order = torch.argsort(margin, dim=1, stable=True)[:, :count]
+    flat = labels.view(len(labels), -1)
+    flat.scatter_(1, order, ignore_value)
+    return labels
+
+
 @dataclass
 class RefinementPlan:
     """Who is uncertain, their neighbours among the certain images, and the neighbour weights."""

@@ -20,6 +20,7 @@ from .image_io import label_slices, read_label, write_label
 from .pool import ImagePool
 
 ROUND_FILE = "round.json"
+IGNORED_FILE = "ignored_pixels.npy"  # training labels' ignored pixels, bit-packed (N, S, S); only when some are
 
 
 def round_dir(output_dir: str, r: int) -> str:
@@ -82,9 +83,12 @@ def read_round_uncertainty(output_dir: str, r: int, num_images: int) -> np.ndarr
     return np.asarray(values)
 
 
-def read_round_labels(output_dir: str, r: int, pool: ImagePool, size: int, out=None) -> torch.Tensor:
-    """Hard labels (N, size, size) uint8 of a finished round, read back from its files (nearest resizing) into
-    ``out`` (default: a new tensor; or a pool_store.DiskArray, filled row by row)."""
+def read_round_labels(
+    output_dir: str, r: int, pool: ImagePool, size: int, out=None, ignore_value: int = 255
+) -> torch.Tensor:
+    """Training labels (N, size, size) uint8 of a finished round, read back from its files (nearest resizing) into
+    ``out`` (default: a new tensor; or a pool_store.DiskArray, filled row by row), with ``ignore_value`` where the
+    round's ``ignored_pixels.npy`` (if any) says so."""
     folder = round_dir(output_dir, r)
     with open(os.path.join(folder, ROUND_FILE)) as f:
         files = json.load(f)["label_files"]
@@ -97,4 +101,23 @@ def read_round_labels(output_dir: str, r: int, pool: ImagePool, size: int, out=N
             cache = (item.case, label_slices(case, read_label(path, case.spatial_shape, binarize=False)))
         grid = torch.as_tensor(np.ascontiguousarray(cache[1][item.slice]), dtype=torch.float32)[None, None]
         labels[i] = F.interpolate(grid, size=(size, size), mode="nearest")[0, 0].to(torch.uint8)
+    ignored_path = os.path.join(folder, IGNORED_FILE)
+    if os.path.isfile(ignored_path):  # the round's training labels left these pixels out: so does a resumed run
+        packed = np.load(ignored_path, allow_pickle=False)
+        for i in range(len(pool)):
+            mask = np.unpackbits(packed[i], count=size * size).reshape(size, size).astype(bool)
+            row = labels[i]
+            row[torch.from_numpy(mask)] = ignore_value
+            labels[i] = row
     return labels
+
+
+def write_ignored_pixels(folder: str, labels, ignore_value: int, batch_size: int = 256) -> None:
+    """Save which pixels of the training labels (N, S, S) equal ``ignore_value`` (bit-packed, one row per image)
+    into a round folder, for ``read_round_labels`` on resume."""
+    n = len(labels)
+    rows = []
+    for start in range(0, n, batch_size):
+        chunk = torch.as_tensor(labels[start : start + batch_size]).numpy() == ignore_value
+        rows.append(np.packbits(chunk.reshape(len(chunk), -1), axis=1))
+    np.save(os.path.join(folder, IGNORED_FILE), np.concatenate(rows) if rows else np.zeros((0, 0), np.uint8))

@@ -19,13 +19,12 @@ from monai.data import Dataset
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import CheckpointLoader, CheckpointSaver, LrScheduleHandler, StatsHandler, from_engine
 from monai.inferers import SimpleInferer
-from monai.losses import DiceCELoss
 from monai.transforms import Compose, Lambdad, RandFlipd
 from monai.utils import set_determinism
 
 from . import distributed
 from .handlers import GradientClipHandler, KNNRefinementHandler, PixelEntropyHandler, RoundPredictions
-from .losses import Mask2FormerSemanticLoss
+from .losses import Mask2FormerSemanticLoss, SemanticDiceCELoss
 from .pool_store import RowItems
 
 logger = logging.getLogger(__name__)
@@ -65,7 +64,7 @@ def build_loss(name: str, network: torch.nn.Module) -> torch.nn.Module:
     if name == "mask2former":
         return Mask2FormerSemanticLoss(network)
     if name == "dicece":
-        return DiceCELoss(to_onehot_y=True, softmax=True)
+        return SemanticDiceCELoss(network.num_classes)
     raise ValueError(f"loss must be 'mask2former' or 'dicece', got {name!r}")
 
 

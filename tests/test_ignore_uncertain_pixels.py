@@ -1,0 +1,111 @@
+"""``ignore_uncertain_pixels``: which pixels are left out (by hand), that the losses skip them, and that a run saves
+them with the round so that a resumed run trains on the same labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_OVERRIDES
+from monai.losses import DiceCELoss
+
+from scripts.losses import IGNORE_LABEL, Mask2FormerSemanticLoss, SemanticDiceCELoss, semantic_to_instances
+from scripts.refinement import mark_uncertain_pixels
+
+
+def test_marks_the_smallest_margins_of_each_image():
+    # one image, C = 2, 2x2 pixels: p1 = 0.9, 0.55, 0.3, 0.5 -> margins |2 p1 - 1| = 0.8, 0.1, 0.4, 0.0
+    p1 = torch.tensor([[0.9, 0.55], [0.3, 0.5]])
+    soft = torch.stack([1 - p1, p1])[None]
+    labels = torch.tensor([[[1, 1], [0, 0]]], dtype=torch.uint8)
+    out = mark_uncertain_pixels(labels.clone(), soft, 0.5)
+    assert out.tolist() == [[[1, 255], [0, 255]]]  # the two smallest margins: 0.0 and 0.1
+    assert mark_uncertain_pixels(labels.clone(), soft, 0.25).tolist() == [[[1, 1], [0, 255]]]
+    assert torch.equal(mark_uncertain_pixels(labels.clone(), soft, 0.0), labels)
+    # ties: margins 0.5, 0.5, 0.5, 1.0 and a quarter to ignore -> the first tied pixel in pixel order
+    p1 = torch.tensor([[0.75, 0.25], [0.75, 1.0]])  # exact in binary: true ties
+    tied = mark_uncertain_pixels(labels.clone(), torch.stack([1 - p1, p1])[None], 0.25)
+    assert tied.tolist() == [[[255, 1], [0, 0]]]
+
+
+def test_semantic_loss_equals_monai_dicece_without_ignored_pixels():
+    torch.manual_seed(0)
+    pred = torch.randn(2, 3, 8, 8)
+    label = torch.randint(0, 3, (2, 1, 8, 8))
+    ours = SemanticDiceCELoss(3)(pred, label)
+    monai = DiceCELoss(to_onehot_y=True, softmax=True)(pred, label)
+    assert ours.item() == pytest.approx(monai.item(), abs=1e-6)
+
+
+def test_semantic_loss_gives_no_gradient_at_ignored_pixels():
+    torch.manual_seed(0)
+    pred = torch.randn(1, 2, 4, 4, requires_grad=True)
+    label = torch.randint(0, 2, (1, 1, 4, 4))
+    label[0, 0, :2, :] = IGNORE_LABEL  # the top half is ignored
+    SemanticDiceCELoss(2)(pred, label).backward()
+    assert pred.grad[..., :2, :].abs().max().item() == 0.0
+    assert pred.grad[..., 2:, :].abs().max().item() > 0.0
+    # and the value ignores what the top half says: same loss as the bottom half alone (CE by pixels, Dice by sums)
+    bottom = SemanticDiceCELoss(2)(pred[..., 2:, :], label[..., 2:, :])
+    assert SemanticDiceCELoss(2)(pred, label).item() == pytest.approx(bottom.item(), abs=1e-6)
+    everything = torch.full((1, 1, 4, 4), IGNORE_LABEL)
+    assert SemanticDiceCELoss(2)(pred, everything).item() == 0.0
+
+
+def test_set_loss_targets_take_the_network_probability_at_ignored_pixels():
+    label = torch.tensor([[[[0, 1], [IGNORE_LABEL, 1]]]])  # (1, 1, 2, 2)
+    fill = torch.tensor([[[[0.1, 0.2], [0.3, 0.4]], [[0.9, 0.8], [0.7, 0.6]]]])  # (1, C=2, 2, 2)
+    masks, classes = semantic_to_instances(label, 2, fill)
+    assert classes[0].tolist() == [0, 1]
+    assert torch.allclose(masks[0], torch.tensor([[[1.0, 0.0], [0.3, 0.0]], [[0.0, 1.0], [0.7, 1.0]]]))
+    masks, _ = semantic_to_instances(label, 2)  # no fill: ignored pixels belong to no class
+    assert masks[0][:, 1, 0].tolist() == [0.0, 0.0]
+
+
+def test_set_loss_trains_with_ignored_pixels(tiny_encoder):
+    from scripts.network import Mask2FormerDinov2
+
+    torch.manual_seed(0)
+    net = Mask2FormerDinov2(2, tiny_encoder, hidden_dim=32, num_queries=4, decoder_layers=1, pixel_decoder_layers=1)
+    loss_fn = Mask2FormerSemanticLoss(net)
+    x = torch.rand(2, 3, 56, 56)
+    label = torch.zeros(2, 1, 56, 56, dtype=torch.long)
+    label[:, :, 10:30, 10:30] = 1
+    x[:, :, 10:30, 10:30] = 0
+    label[:, :, 8:12, :] = IGNORE_LABEL  # a band across the object's edge
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(30):
+        loss = loss_fn(net(x), label)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses)) and min(losses[-5:]) < 0.6 * losses[0]
+
+
+def test_run_saves_ignored_pixels_and_resume_reads_them(tiny_encoder, png_dataset, tmp_path):
+    from scripts.pipeline import MedSMILEPipeline
+    from scripts.pool import ImagePool, pool_sources
+    from scripts.round_store import read_round_labels
+
+    args = {**TINY_OVERRIDES, "num_rounds": 1, "ignore_uncertain_pixels": 0.25, "export_torchscript": False}
+    run_dir = tmp_path / "run"
+    MedSMILEPipeline(
+        output_dir=str(run_dir), model_path=str(tmp_path / "model.pt"), encoder_weights=tiny_encoder,
+        **png_dataset["inputs"], **args,
+    ).run()  # fmt: skip
+    pool = ImagePool.load(pool_sources(png_dataset["dataset_dir"], None, []), 56, 56)
+    size = 56 * 56
+    for r in (0, 1):
+        packed = np.load(run_dir / f"round_{r}" / "ignored_pixels.npy")
+        ignored = np.unpackbits(packed, axis=1, count=size).astype(bool)
+        assert ignored.shape == (len(pool), size)
+        assert (ignored.sum(1) == int(0.25 * size)).all()
+        with_ignore = read_round_labels(str(run_dir), r, pool, 56)
+        assert torch.equal(with_ignore.flatten(1) == IGNORE_LABEL, torch.from_numpy(ignored))
+    files = list((run_dir / "round_1" / "labels").iterdir())
+    from PIL import Image
+
+    assert files and all(np.asarray(Image.open(f)).max() < IGNORE_LABEL for f in files)  # user outputs stay labels
