@@ -82,7 +82,7 @@ def markdown(dataset: str, rows: list[dict], command: str) -> str:
         "",
         "| variant | options | seeds | "
         + " | ".join(f"pool Dice r{r}" for r in range(rounds))
-        + " | test Dice r0 | final test Dice | final vs first row | training s/round |",
+        + " | test Dice r0 | final test Dice | final vs first row | training s per run |",
         "|---" * (7 + rounds) + "|",
     ]
     for row in rows:
