@@ -75,7 +75,8 @@ class RoundPredictions:
 
     def hard_labels(self, out=None, batch_size: int = 64, ignore_fraction: float = 0.0):
         """(N, S, S) uint8 labels for the next round, written into ``out`` (default: a new tensor) in batches; the
-        ``ignore_fraction`` least certain pixels of each image are set to ``IGNORE_LABEL`` (mark_uncertain_pixels)."""
+        ``ignore_fraction`` least certain pixels of each class in each image are set to ``IGNORE_LABEL``
+        (mark_uncertain_pixels)."""
         n, _, height, width = self.probs.shape
         if out is None:
             out = torch.zeros((n, height, width), dtype=torch.uint8)

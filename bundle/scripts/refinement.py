@@ -51,8 +51,8 @@ def mark_uncertain_pixels(labels: torch.Tensor, soft: torch.Tensor, fraction: fl
         members = flat == c
         count = (members.sum(1) * fraction).long()  # (B,)
         order = torch.argsort(margin.masked_fill(~members, float("inf")), dim=1, stable=True)
-        first = torch.arange(margin.shape[1], device=margin.device)[None] < count[:, None]
-        ignored.scatter_(1, order, first | ignored.gather(1, order))
+        first = torch.arange(margin.shape[1], device=margin.device)[None] < count[:, None]  # in sorted order
+        ignored |= torch.zeros_like(first).scatter_(1, order, first)
     flat[ignored] = ignore_value
     return labels
 
