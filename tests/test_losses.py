@@ -72,3 +72,29 @@ def test_frozen_backbone_stays_pretrained_while_the_decoder_trains(tiny_encoder,
     assert backbone and all(torch.equal(after[k], before[k]) for k in backbone)
     decoder = [k for k in after if "transformer_module" in k and after[k].is_floating_point()]
     assert any(not torch.equal(after[k], before[k]) for k in decoder)
+
+
+@pytest.mark.parametrize("freeze_backbone", [True, False])
+def test_optimizer_gives_backbone_and_head_their_own_learning_rates(tiny_encoder, freeze_backbone):
+    from scripts.training import build_optimizer
+
+    net = Mask2FormerDinov2(2, tiny_encoder, hidden_dim=32, num_queries=4, decoder_layers=1, pixel_decoder_layers=1)
+    optimizer = build_optimizer(net, 5e-5, 5e-4, 0.01, freeze_backbone)
+    backbone = {id(p) for p in net.backbone.parameters()}
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in optimizer.param_groups}
+    head = {id(p) for p in net.parameters()} - backbone
+    assert by_lr[5e-4] == head
+    if freeze_backbone:
+        assert set(by_lr) == {5e-4} and not any(p.requires_grad for p in net.backbone.parameters())
+    else:
+        assert by_lr[5e-5] == backbone
+    assert all(g["weight_decay"] == 0.01 for g in optimizer.param_groups)
+
+
+def test_optimizer_without_a_head_learning_rate_uses_one_rate(tiny_encoder):
+    from scripts.training import build_optimizer
+
+    net = Mask2FormerDinov2(2, tiny_encoder, hidden_dim=32, num_queries=4, decoder_layers=1, pixel_decoder_layers=1)
+    optimizer = build_optimizer(net, 5e-5, None, 0.0, False)
+    assert {g["lr"] for g in optimizer.param_groups} == {5e-5}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(net.parameters()))

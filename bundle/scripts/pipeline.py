@@ -122,6 +122,7 @@ class MedSMILEPipeline:
         freeze_backbone: bool = True,
         batch_size: int = 4,
         learning_rate: float = 5e-5,
+        head_learning_rate: float | None = 5e-4,
         weight_decay: float = 0.01,
         grad_clip_norm: float = 1.0,
         loss: str = "mask2former",
@@ -407,6 +408,7 @@ class MedSMILEPipeline:
             self.loss,
             seed=self.seed + r,
             freeze_backbone=self.freeze_backbone,
+            head_learning_rate=self.head_learning_rate,
         )
         t_train = time.time() - t0
         predictions = predict_and_refine(

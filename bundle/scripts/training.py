@@ -68,6 +68,27 @@ def build_loss(name: str, network: torch.nn.Module) -> torch.nn.Module:
     raise ValueError(f"loss must be 'mask2former' or 'dicece', got {name!r}")
 
 
+def build_optimizer(
+    network: torch.nn.Module,
+    learning_rate: float,
+    head_learning_rate: float | None,
+    weight_decay: float,
+    freeze_backbone: bool,
+) -> torch.optim.AdamW:
+    """AdamW with one learning rate for the pretrained DINOv2 backbone and one for the rest (feature pyramid and
+    Mask2Former), which starts from random weights every round and needs larger steps to converge in a few hundred
+    iterations. A frozen backbone is left out; ``head_learning_rate`` None means ``learning_rate`` for everything."""
+    if freeze_backbone:
+        network.backbone.requires_grad_(False)
+    backbone = {id(p) for p in network.backbone.parameters()}
+    head_lr = learning_rate if head_learning_rate is None else head_learning_rate
+    groups = [
+        {"params": [p for p in network.parameters() if p.requires_grad and id(p) in backbone], "lr": learning_rate},
+        {"params": [p for p in network.parameters() if p.requires_grad and id(p) not in backbone], "lr": head_lr},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay)
+
+
 def train_round(
     network: torch.nn.Module,
     items: list[dict],
@@ -82,21 +103,20 @@ def train_round(
     loss: str = "mask2former",
     seed: int = 0,
     freeze_backbone: bool = False,
+    head_learning_rate: float | None = None,
 ) -> dict:
     """Train ``network`` in place with AdamW, cosine annealing per iteration, grad clipping and CE + Dice.
 
     ``loss``: "mask2former" (its set loss + CE + Dice on the semantic map, see losses.py) or "dicece" (CE + Dice on
     the semantic map only). ``freeze_backbone`` keeps the pretrained DINOv2 fixed and trains the feature pyramid
     and Mask2Former only: half the CPU time per step (no backward through the ViT) and no drift of the features
-    towards the noise of the pseudo-labels. Saves a checkpoint every epoch in ``checkpoint_dir`` and resumes from the newest one found there, so a crash
+    towards the noise of the pseudo-labels. ``learning_rate`` is the backbone's, ``head_learning_rate`` the rest's
+    (see ``build_optimizer``). Saves a checkpoint every epoch in ``checkpoint_dir`` and resumes from the newest one found there, so a crash
     inside a round costs at most one epoch.
     """
     transform = training_transform()
     loader = distributed.train_loader(Dataset(items, transform=transform), batch_size, num_workers, seed=seed)
-    if freeze_backbone:
-        network.backbone.requires_grad_(False)
-    trainable = [p for p in network.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=weight_decay)
+    optimizer = build_optimizer(network, learning_rate, head_learning_rate, weight_decay, freeze_backbone)
     total_steps = max(1, epochs * len(loader))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     trainer = SupervisedTrainer(
