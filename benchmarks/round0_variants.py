@@ -119,7 +119,24 @@ VARIANTS = {
     "+ image prototypes (3 steps)": {"layers": "last", "flip": False, "adapt": 3},
     "+ image prototypes (1) + layers + flip": {"layers": "multi", "flip": True, "adapt": 1},
     "+ image prototypes (3) + layers + flip": {"layers": "multi", "flip": True, "adapt": 3},
+    "+ layers + flip, foreground must win by 0.05": {"layers": "multi", "flip": True, "adapt": 0, "offset": 0.05},
+    "+ layers + flip, foreground must win by 0.10": {"layers": "multi", "flip": True, "adapt": 0, "offset": 0.10},
+    "+ layers + flip, scores centred on the reference's class means": {
+        "layers": "multi",
+        "flip": True,
+        "adapt": 0,
+        "center": True,
+    },
 }
+
+
+def reference_class_means(features: torch.Tensor, label: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """(C,) mean cosine score of each class's own cells in the reference: how similar a typical member of the class
+    is to its prototype. A compact class (a polyp) scores high, a varied one (background) low, so a plain argmax
+    favours the compact class; subtracting these means compares each pixel with a typical member instead."""
+    scores = prototype_scores(features[None], prototypes)[0]
+    grid = F.interpolate(label[None, None].float(), size=scores.shape[-2:], mode="nearest")[0, 0].long()
+    return torch.stack([scores[c][grid == c].mean() for c in range(len(prototypes))])
 
 
 def k_shot(split: dict, data_root: str, k: int) -> dict:
@@ -139,12 +156,18 @@ def evaluate(feats: dict, split: dict, data_root: str, variant: dict) -> dict:
         [torch.as_tensor(read_label(mask_path(data_root, *ref))).long() for ref in refs],
         2,
     )
+    shift = torch.zeros(2)
+    if variant.get("center"):
+        ref_label = torch.as_tensor(read_label(mask_path(data_root, *refs[0]))).long()
+        shift = reference_class_means(select(feats[refs[0]], variant["layers"], variant["flip"]), ref_label, protos)
+    shift[1] += variant.get("offset", 0.0)  # the foreground score must beat the background's by this margin
     scores, fg_prec, fg_rec = [], [], []
     for item in split["pool"]:
         f = select(feats[item], variant["layers"], variant["flip"])[None]
         s = prototype_scores(f, protos)
         if variant["adapt"]:
             s = refine_with_image_prototypes(f, s, protos, steps=variant["adapt"])
+        s = s - shift.view(1, -1, 1, 1)
         truth = read_label(mask_path(data_root, *item))
         pred = soft_labels(s, truth.shape).argmax(1)[0].numpy()
         scores.append(segmentation_scores(pred, truth, 2))
