@@ -131,6 +131,7 @@ class MedSMILEPipeline:
         knn_k: int = 5,
         knn_exact_limit: int = 50_000,
         train_on_reference: bool = True,
+        reference_repeats: int = 1,
         num_queries: int = 16,
         decoder_layers: int = 4,
         hidden_dim: int = 128,
@@ -161,6 +162,8 @@ class MedSMILEPipeline:
             raise ValueError(f"train_fraction={train_fraction} must be in (0, 1]")
         if not 0 <= ignore_uncertain_pixels < 1:
             raise ValueError(f"ignore_uncertain_pixels={ignore_uncertain_pixels} must be in [0, 1)")
+        if isinstance(reference_repeats, bool) or not isinstance(reference_repeats, int) or reference_repeats < 1:
+            raise ValueError(f"reference_repeats={reference_repeats!r} must be a whole number >= 1")
         feature_layers = list(feature_layers)
         self.cfg = {k: v for k, v in locals().items() if k != "self"}
         for name in BOOLEAN_KEYS:
@@ -377,13 +380,13 @@ class MedSMILEPipeline:
         if self.train_on_reference:
             for image, label, _ in refs:
                 ref_label = F.interpolate(label[None, None].float(), (self.image_size,) * 2, mode="nearest")[0, 0]
-                items.append(
-                    {
-                        "image": to_uint8(resize_image(image, self.image_size)),
-                        "label": ref_label.to(torch.uint8)[None],
-                        "index": -1,
-                    }
-                )
+                item = {
+                    "image": to_uint8(resize_image(image, self.image_size)),
+                    "label": ref_label.to(torch.uint8)[None],
+                    "index": -1,
+                }
+                for _ in range(self.reference_repeats):
+                    items.append(dict(item))
         ckpt_dir = os.path.join(self.output_dir, ".checkpoints", f"round_{r}")
         epochs = round_epochs(len(items), self.batch_size, self.epochs, self.min_iterations)
         logger.info(
