@@ -1,4 +1,5 @@
-"""The Mask2Former set loss on semantic label maps: label conversion by hand, and it trains a tiny network (also with\nignored pixels)."""
+"""The Mask2Former set loss on semantic label maps: label conversion by hand, and it trains a tiny network (also with
+ignored pixels)."""
 
 import math
 
