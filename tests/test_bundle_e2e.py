@@ -204,6 +204,27 @@ def test_finished_run_is_never_overwritten(tiny_encoder, png_dataset, tmp_path):
     assert (label_file.read_bytes(), os.stat(label_file).st_mtime_ns) == before
 
 
+def test_run_recorded_before_an_option_existed_still_resumes(tiny_encoder, png_dataset, tmp_path):
+    common = {k: png_dataset[k] for k in ("dataset_dir", "reference_image", "reference_label")}
+    run_medsmile(tiny_encoder, tmp_path, num_rounds=1, **common)
+    record_file = tmp_path / "run" / "run_config.json"
+    record = json.loads(record_file.read_text())
+    label_file = tmp_path / "run" / "round_1" / "labels" / "img_0.png"
+    before = (label_file.read_bytes(), os.stat(label_file).st_mtime_ns)
+    # as written before reference_repeats existed: the default 1 is what such a run did, so nothing is recomputed
+    old = {k: v for k, v in record["config"].items() if k != "reference_repeats"}
+    record_file.write_text(json.dumps({"fingerprint": "older", "config": old}))
+    run_medsmile(tiny_encoder, tmp_path, num_rounds=1, **common)
+    assert (label_file.read_bytes(), os.stat(label_file).st_mtime_ns) == before
+    # as written before head_learning_rate existed (the head trained at learning_rate): the default 5e-4 is a change
+    old = {k: v for k, v in record["config"].items() if k != "head_learning_rate"}
+    record_file.write_text(json.dumps({"fingerprint": "older", "config": old}))
+    with pytest.raises(RuntimeError) as err:
+        run_medsmile(tiny_encoder, tmp_path, num_rounds=1, **common)
+    assert "different configuration (changed: ['head_learning_rate'])" in chain(err.value)
+    assert (label_file.read_bytes(), os.stat(label_file).st_mtime_ns) == before
+
+
 def test_metadata_verifies_offline():
     from monai.bundle import verify_metadata
 

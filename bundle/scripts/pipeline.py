@@ -59,6 +59,13 @@ def _as_list(value) -> list[str]:
     return [value] if isinstance(value, (str, os.PathLike)) else list(value)
 
 
+# Options added after the first release, with the value that reproduces what a run recorded before them did: such a
+# run still resumes while the option keeps that value (an upgrade must not orphan finished rounds).
+ADDED_OPTIONS = {"head_learning_rate": None, "reference_repeats": 1}
+
+# Settings that change where or how fast a run goes, not what it computes: a run resumes across them.
+UNRECORDED_KEYS = ("device", "num_workers", "overwrite", "model_path", "ground_truth_dir", "pool_store")
+
 BOOLEAN_KEYS = (
     "skip_bad_inputs",
     "flip_average",
@@ -180,13 +187,13 @@ class MedSMILEPipeline:
         raise AttributeError(name)
 
     # ------------------------------------------------------------------ set-up
+    def _recorded_config(self) -> dict:
+        """The settings that decide a run's results, as JSON values."""
+        keys = sorted(k for k in self.cfg if k not in UNRECORDED_KEYS)
+        return json.loads(json.dumps({k: self.cfg[k] for k in keys}, sort_keys=True, default=str))
+
     def _config_fingerprint(self) -> str:
-        keys = sorted(
-            k
-            for k in self.cfg
-            if k not in ("device", "num_workers", "overwrite", "model_path", "ground_truth_dir", "pool_store")
-        )
-        text = json.dumps({k: self.cfg[k] for k in keys}, sort_keys=True, default=str)
+        text = json.dumps(self._recorded_config(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def _check_previous_run(self) -> bool:
@@ -199,9 +206,12 @@ class MedSMILEPipeline:
             previous = json.load(f)
         if previous.get("fingerprint") == self._config_fingerprint():
             return False
+        old = previous.get("config", {})
+        missing = object()
+        changed = [k for k, v in self._recorded_config().items() if old.get(k, ADDED_OPTIONS.get(k, missing)) != v]
+        if not changed:
+            return False  # recorded before an option existed, which still has its old behaviour
         if not self.overwrite:
-            old = previous.get("config", {})
-            changed = sorted(k for k in self.cfg if old.get(k) != json.loads(json.dumps(self.cfg[k], default=str)))
             raise RuntimeError(
                 f"{self.output_dir} holds a run with a different configuration (changed: {changed}); "
                 "use another --output_dir, or --overwrite true to discard it"
