@@ -61,7 +61,7 @@ def _as_list(value) -> list[str]:
 
 # Options added after the first release, with the value that reproduces what a run recorded before them did: such a
 # run still resumes while the option keeps that value (an upgrade must not orphan finished rounds).
-ADDED_OPTIONS = {"head_learning_rate": None, "reference_repeats": 1}
+ADDED_OPTIONS = {"head_learning_rate": None, "ignore_uncertain_pixels": 0.0, "reference_repeats": 1}
 
 # Settings that change where or how fast a run goes, not what it computes: a run resumes across them.
 UNRECORDED_KEYS = ("device", "num_workers", "overwrite", "model_path", "ground_truth_dir", "pool_store")
