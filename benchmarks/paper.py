@@ -256,6 +256,7 @@ def supervised_ceiling(cfg: dict, data_root: str, split: dict, out_dir: str) -> 
         loss=cfg["loss"],
         freeze_backbone=cfg.get("freeze_backbone", False),
         head_learning_rate=cfg.get("head_learning_rate"),
+        augmentation=cfg.get("augmentation", "flips"),
     )
     return {"test": predict_test(network, data_root, split["tests"], size), "train_s": time.time() - t0}
 

@@ -46,7 +46,7 @@ from .round_store import (
     write_ignored_pixels,
     write_round_labels,
 )
-from .training import predict_and_refine, round_epochs, train_round, training_items
+from .training import AUGMENTATIONS, predict_and_refine, round_epochs, train_round, training_items
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,12 @@ def _as_list(value) -> list[str]:
 
 # Options added after the first release, with the value that reproduces what a run recorded before them did: such a
 # run still resumes while the option keeps that value (an upgrade must not orphan finished rounds).
-ADDED_OPTIONS = {"head_learning_rate": None, "ignore_uncertain_pixels": 0.0, "reference_repeats": 1}
+ADDED_OPTIONS = {
+    "augmentation": "flips",
+    "head_learning_rate": None,
+    "ignore_uncertain_pixels": 0.0,
+    "reference_repeats": 1,
+}
 
 # Settings that change where or how fast a run goes, not what it computes: a run resumes across them.
 UNRECORDED_KEYS = ("device", "num_workers", "overwrite", "model_path", "ground_truth_dir", "pool_store")
@@ -126,6 +131,7 @@ class MedSMILEPipeline:
         min_iterations: int = 200,
         train_fraction: float = 1.0,
         ignore_uncertain_pixels: float = 0.0,
+        augmentation: str = "flips",
         freeze_backbone: bool = True,
         batch_size: int = 4,
         learning_rate: float = 5e-5,
@@ -165,6 +171,8 @@ class MedSMILEPipeline:
         for name, size in (("image_size", image_size), ("feature_image_size", feature_image_size)):
             if size % 14:
                 raise ValueError(f"{name}={size} must be a multiple of the DINOv2 patch size 14")
+        if augmentation not in AUGMENTATIONS:
+            raise ValueError(f"augmentation={augmentation!r} must be one of {AUGMENTATIONS}")
         if not 0 < train_fraction <= 1:
             raise ValueError(f"train_fraction={train_fraction} must be in (0, 1]")
         if not 0 <= ignore_uncertain_pixels < 1:
@@ -422,6 +430,7 @@ class MedSMILEPipeline:
             seed=self.seed + r,
             freeze_backbone=self.freeze_backbone,
             head_learning_rate=self.head_learning_rate,
+            augmentation=self.augmentation,
         )
         t_train = time.time() - t0
         predictions = predict_and_refine(

@@ -19,7 +19,15 @@ from monai.data import Dataset
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import CheckpointLoader, CheckpointSaver, LrScheduleHandler, StatsHandler, from_engine
 from monai.inferers import SimpleInferer
-from monai.transforms import Compose, Lambdad, RandFlipd
+from monai.transforms import (
+    Compose,
+    Lambdad,
+    RandAdjustContrastd,
+    RandAffined,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+)
 from monai.utils import set_determinism
 
 from . import distributed
@@ -41,16 +49,43 @@ def training_items(images: torch.Tensor, labels: torch.Tensor, indices=None) -> 
     return RowItems(images, labels, indices)
 
 
-def training_transform() -> Compose:
-    """Light augmentation: horizontal and vertical flips (the method trains on noisy labels; keep it gentle)."""
-    return Compose(
-        [
-            Lambdad(keys="image", func=_as_float_image),
+AUGMENTATIONS = ("flips", "strong")
+
+
+def training_transform(augmentation: str = "flips") -> Compose:
+    """Augmentation of a round's training items (uint8 image (3, S, S), label (1, S, S)).
+
+    "flips": horizontal and vertical flips only. "strong" adds a random affine map (rotation up to 15 degrees, scale
+    0.8-1.2, shift up to 10 %, reflection padding; the label follows with nearest sampling) and photometric jitter of
+    the image (gamma 0.7-1.5, intensity scale +-20 %, shift +-0.1): a network that sees each noisy pseudo-label
+    under many views has a harder time memorising its errors, and the jitter mimics other scopes and scanners.
+    """
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {augmentation!r}")
+    steps = [
+        Lambdad(keys="image", func=_as_float_image),
+        Lambdad(keys="label", func=lambda x: x.long()),
+        RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
+        RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),
+    ]
+    if augmentation == "strong":
+        steps += [
+            RandAffined(
+                keys=["image", "label"],
+                prob=0.8,
+                rotate_range=math.radians(15),
+                scale_range=0.2,
+                translate_range=0.1,
+                mode=["bilinear", "nearest"],
+                padding_mode="reflection",
+            ),
             Lambdad(keys="label", func=lambda x: x.long()),
-            RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
-            RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),
+            RandAdjustContrastd(keys="image", prob=0.5, gamma=(0.7, 1.5)),
+            RandScaleIntensityd(keys="image", prob=0.5, factors=0.2),
+            RandShiftIntensityd(keys="image", prob=0.5, offsets=0.1),
+            Lambdad(keys="image", func=lambda x: x.clamp(0, 1)),
         ]
-    )
+    return Compose(steps)
 
 
 def round_epochs(num_items: int, batch_size: int, epochs: int, min_iterations: int) -> int:
@@ -104,6 +139,7 @@ def train_round(
     seed: int = 0,
     freeze_backbone: bool = False,
     head_learning_rate: float | None = None,
+    augmentation: str = "flips",
 ) -> dict:
     """Train ``network`` in place with AdamW, cosine annealing per iteration, grad clipping and CE + Dice.
 
@@ -114,7 +150,7 @@ def train_round(
     (see ``build_optimizer``). Saves a checkpoint every epoch in ``checkpoint_dir`` and resumes from the newest one
     found there, so a crash inside a round costs at most one epoch.
     """
-    transform = training_transform()
+    transform = training_transform(augmentation)
     loader = distributed.train_loader(Dataset(items, transform=transform), batch_size, num_workers, seed=seed)
     optimizer = build_optimizer(network, learning_rate, head_learning_rate, weight_decay, freeze_backbone)
     total_steps = max(1, epochs * len(loader))
