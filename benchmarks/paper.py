@@ -222,6 +222,14 @@ def test_per_round(out_dir: str, data_root: str, split: dict, image_size: int) -
     return rows
 
 
+def set_value(text: str):
+    """A ``--set`` value: JSON (3, 5e-4, false, null, [-1]), or the text itself (augmentation=strong)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def supervised_ceiling(cfg: dict, data_root: str, split: dict, out_dir: str) -> dict:
     """The same network, image size and budget (epochs of one round) trained on the pool's ground truth."""
     torch.manual_seed(0)
@@ -340,11 +348,13 @@ def main(argv=None) -> None:
         choices=["random", "suggested"],
         help="random: a seeded train image (the paper); suggested: the top of `run suggest` on the same images",
     )
-    parser.add_argument("--set", nargs="*", default=[], help="extra overrides key=value (JSON values)")
+    parser.add_argument(
+        "--set", nargs="*", default=[], help="extra overrides key=value (JSON values; other text is taken as a string)"
+    )
     args = parser.parse_args(argv)
     profile = load_profile(args.profile)
     bench = profile.get("benchmark", {})
-    extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    extra = {k: set_value(v) for k, v in (s.split("=", 1) for s in args.set)}
     cfg = {**effective_config(args.profile), **extra}
     tag = (
         args.profile

@@ -69,3 +69,14 @@ def test_one_round_ablation_is_scored_from_the_medsmile_network(tiny_encoder, tm
     assert run["reference"] == f"busi/{os.path.splitext(os.path.basename(top))[0]}"
     assert run["reference_choice"] == "suggested"
     assert "Labelled reference (suggested)" in (out / "results.md").read_text()
+
+
+def test_set_values_are_json_or_plain_text():
+    from benchmarks.paper import set_value
+
+    assert set_value("5e-4") == 5e-4
+    assert set_value("false") is False
+    assert set_value("null") is None
+    assert set_value("[-1]") == [-1]
+    assert set_value('"strong"') == "strong"
+    assert set_value("strong") == "strong"  # not JSON: the text itself, as a shell user would type it
