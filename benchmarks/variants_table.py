@@ -22,6 +22,7 @@ import numpy as np
 
 from benchmarks.paper import mean_std
 from benchmarks.suggest_final import scores
+from scripts.pipeline import ADDED_OPTIONS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IGNORED_KEYS = ("hyperparameter_notes", "seed", "pipeline", "output_dir", "model_path")
@@ -36,6 +37,8 @@ def load_variant(folder: str, dataset: str) -> dict:
 
 
 def changed_options(config: dict, baseline: dict) -> str:
+    """Options whose value differs; an option a run predates counts with the value that reproduces it."""
+    config, baseline = {**ADDED_OPTIONS, **config}, {**ADDED_OPTIONS, **baseline}
     keys = sorted(k for k in set(config) | set(baseline) if k not in IGNORED_KEYS and config.get(k) != baseline.get(k))
     return ", ".join(f"{k}={json.dumps(config.get(k))}" for k in keys) or "-"
 

@@ -40,3 +40,15 @@ def test_rows_average_shared_seeds_and_name_changed_options(tmp_path):
 def test_a_missing_result_names_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no benchmarks.paper result for busi"):
         variants_table.load_variant(str(tmp_path), "busi")
+
+
+def test_variant_options_count_a_run_that_predates_an_option_at_its_old_value():
+    from benchmarks.variants_table import changed_options
+
+    base = {"epochs": 3, "head_learning_rate": 5e-4, "reference_repeats": 1, "augmentation": "flips"}
+    # recorded before reference_repeats / augmentation / head_learning_rate existed: only the head rate differs
+    assert changed_options({"epochs": 3}, base) == "head_learning_rate=null"
+    assert changed_options({**base, "augmentation": "strong"}, {"epochs": 3, "head_learning_rate": 5e-4}) == (
+        'augmentation="strong"'
+    )
+    assert changed_options(dict(base), base) == "-"
