@@ -127,6 +127,12 @@ VARIANTS = {
         "adapt": 0,
         "center": True,
     },
+    "oracle: the ground truth through the token grid": {
+        "layers": "multi",
+        "flip": True,
+        "adapt": 0,
+        "oracle_grid": True,
+    },
     "+ layers + flip, nearest reference patch (k=1)": {"layers": "multi", "flip": True, "adapt": 0, "knn": 1},
     "+ layers + flip, 5 nearest reference patches": {"layers": "multi", "flip": True, "adapt": 0, "knn": 5},
     "+ layers + flip, 20 nearest reference patches": {"layers": "multi", "flip": True, "adapt": 0, "knn": 20},
@@ -250,6 +256,10 @@ def evaluate(feats: dict, split: dict, data_root: str, variant: dict) -> dict:
         s = s - shift.view(1, -1, 1, 1)
         truth = read_label(mask_path(data_root, *item))
         pred = soft_labels(s, truth.shape).argmax(1)[0].numpy()
+        if variant.get("oracle_grid"):  # the ground truth itself, through the token grid: the resolution limit
+            grid = F.interpolate(torch.as_tensor(truth > 0)[None, None].float(), size=s.shape[-2:], mode="area")
+            up = F.interpolate(grid, size=truth.shape, mode="bilinear", align_corners=False)
+            pred = (up[0, 0] > 0.5).long().numpy()
         scores.append(segmentation_scores(pred, truth, 2))
         tp = float(((pred > 0) & (truth > 0)).sum())
         fg_prec.append(tp / max(1.0, float((pred > 0).sum())))
