@@ -110,50 +110,27 @@ def refine_with_image_prototypes(
     return scores
 
 
+BUNDLE_FEATURES = {"layers": "multi", "flip": True, "adapt": 0}  # the bundle's default round-0 features
+
 VARIANTS = {
     "paper (mean prototype, last layer)": {"layers": "last", "flip": False, "adapt": 0},
     "+ flip averaging": {"layers": "last", "flip": True, "adapt": 0},
     "+ layers 8/10/12": {"layers": "multi", "flip": False, "adapt": 0},
-    "+ layers 8/10/12 + flip (bundle default)": {"layers": "multi", "flip": True, "adapt": 0},
+    "+ layers 8/10/12 + flip (bundle default)": BUNDLE_FEATURES,
     "+ image prototypes (1 step)": {"layers": "last", "flip": False, "adapt": 1},
     "+ image prototypes (3 steps)": {"layers": "last", "flip": False, "adapt": 3},
-    "+ image prototypes (1) + layers + flip": {"layers": "multi", "flip": True, "adapt": 1},
-    "+ image prototypes (3) + layers + flip": {"layers": "multi", "flip": True, "adapt": 3},
-    "+ layers + flip, foreground must win by 0.05": {"layers": "multi", "flip": True, "adapt": 0, "offset": 0.05},
-    "+ layers + flip, foreground must win by 0.10": {"layers": "multi", "flip": True, "adapt": 0, "offset": 0.10},
-    "+ layers + flip, scores centred on the reference's class means": {
-        "layers": "multi",
-        "flip": True,
-        "adapt": 0,
-        "center": True,
-    },
-    "oracle: the ground truth through the token grid": {
-        "layers": "multi",
-        "flip": True,
-        "adapt": 0,
-        "oracle_grid": True,
-    },
-    "+ layers + flip, nearest reference patch (k=1)": {"layers": "multi", "flip": True, "adapt": 0, "knn": 1},
-    "+ layers + flip, 5 nearest reference patches": {"layers": "multi", "flip": True, "adapt": 0, "knn": 5},
-    "+ layers + flip, 20 nearest reference patches": {"layers": "multi", "flip": True, "adapt": 0, "knn": 20},
-    "+ layers + flip, 4 background / 1 foreground prototypes": {
-        "layers": "multi",
-        "flip": True,
-        "adapt": 0,
-        "clusters": (4, 1),
-    },
-    "+ layers + flip, 8 background / 2 foreground prototypes": {
-        "layers": "multi",
-        "flip": True,
-        "adapt": 0,
-        "clusters": (8, 2),
-    },
-    "+ layers + flip, 16 background / 4 foreground prototypes": {
-        "layers": "multi",
-        "flip": True,
-        "adapt": 0,
-        "clusters": (16, 4),
-    },
+    "+ image prototypes (1) + layers + flip": {**BUNDLE_FEATURES, "adapt": 1},
+    "+ image prototypes (3) + layers + flip": {**BUNDLE_FEATURES, "adapt": 3},
+    "+ layers + flip, foreground must win by 0.05": {**BUNDLE_FEATURES, "offset": 0.05},
+    "+ layers + flip, foreground must win by 0.10": {**BUNDLE_FEATURES, "offset": 0.10},
+    "+ layers + flip, scores centred on the reference's class means": {**BUNDLE_FEATURES, "center": True},
+    "oracle: the ground truth through the token grid": {**BUNDLE_FEATURES, "oracle_grid": True},
+    "+ layers + flip, nearest reference patch (k=1)": {**BUNDLE_FEATURES, "knn": 1},
+    "+ layers + flip, 5 nearest reference patches": {**BUNDLE_FEATURES, "knn": 5},
+    "+ layers + flip, 20 nearest reference patches": {**BUNDLE_FEATURES, "knn": 20},
+    "+ layers + flip, 4 background / 1 foreground prototypes": {**BUNDLE_FEATURES, "clusters": (4, 1)},
+    "+ layers + flip, 8 background / 2 foreground prototypes": {**BUNDLE_FEATURES, "clusters": (8, 2)},
+    "+ layers + flip, 16 background / 4 foreground prototypes": {**BUNDLE_FEATURES, "clusters": (16, 4)},
 }
 
 
