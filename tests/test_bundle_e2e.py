@@ -225,6 +225,26 @@ def test_run_recorded_before_an_option_existed_still_resumes(tiny_encoder, png_d
     assert (label_file.read_bytes(), os.stat(label_file).st_mtime_ns) == before
 
 
+def test_more_rounds_extend_a_finished_run(tiny_encoder, png_dataset, tmp_path):
+    common = {k: png_dataset[k] for k in ("dataset_dir", "reference_image", "reference_label")}
+    run_medsmile(tiny_encoder, tmp_path, num_rounds=1, **common)
+    label_file = tmp_path / "run" / "round_1" / "labels" / "img_0.png"
+    before = (label_file.read_bytes(), os.stat(label_file).st_mtime_ns)
+    run_medsmile(tiny_encoder, tmp_path, num_rounds=2, **common)
+    assert (label_file.read_bytes(), os.stat(label_file).st_mtime_ns) == before  # round 1 kept, not retrained
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    assert summary["config"]["num_rounds"] == 2 and not {"name", "size"} & set(summary["config"])
+    exported = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    last = torch.load(tmp_path / "run" / "round_2" / "model.pt", weights_only=True)
+    assert exported.keys() == last.keys() and all(torch.equal(exported[k], last[k]) for k in last)
+    # fewer rounds is a change: refused, and round 2 stays
+    with pytest.raises(RuntimeError) as err:
+        run_medsmile(tiny_encoder, tmp_path, num_rounds=1, **common)
+    assert "different configuration (changed: ['num_rounds'])" in chain(err.value)
+    assert (tmp_path / "run" / "round_2" / "model.pt").is_file()
+
+
 def test_metadata_verifies_offline():
     from monai.bundle import verify_metadata
 

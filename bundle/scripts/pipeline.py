@@ -168,6 +168,7 @@ class MedSMILEPipeline:
         metadata_file: str | None = None,
         pool_store: str = "disk",
     ):
+        self.cfg = {k: v for k, v in locals().items() if k != "self"}  # first: later locals are not settings
         for name, size in (("image_size", image_size), ("feature_image_size", feature_image_size)):
             if size % 14:
                 raise ValueError(f"{name}={size} must be a multiple of the DINOv2 patch size 14")
@@ -179,8 +180,7 @@ class MedSMILEPipeline:
             raise ValueError(f"ignore_uncertain_pixels={ignore_uncertain_pixels} must be in [0, 1)")
         if isinstance(reference_repeats, bool) or not isinstance(reference_repeats, int) or reference_repeats < 1:
             raise ValueError(f"reference_repeats={reference_repeats!r} must be a whole number >= 1")
-        feature_layers = list(feature_layers)
-        self.cfg = {k: v for k, v in locals().items() if k != "self"}
+        self.cfg["feature_layers"] = list(feature_layers)
         for name in BOOLEAN_KEYS:
             self.cfg[name] = as_bool(name, self.cfg[name])
         self.cfg["device"] = str(device)
@@ -206,7 +206,8 @@ class MedSMILEPipeline:
 
     def _check_previous_run(self) -> bool:
         """True when output_dir holds a run with another configuration that ``overwrite`` allows discarding;
-        raises when it holds one and ``overwrite`` is off. Deletes nothing."""
+        raises when it holds one and ``overwrite`` is off. Deletes nothing. A run whose only change is a larger
+        ``num_rounds`` resumes: its finished rounds are kept."""
         run_file = os.path.join(self.output_dir, "run_config.json")
         if not os.path.isfile(run_file):
             return False
@@ -219,6 +220,12 @@ class MedSMILEPipeline:
         changed = [k for k, v in self._recorded_config().items() if old.get(k, ADDED_OPTIONS.get(k, missing)) != v]
         if not changed:
             return False  # recorded before an option existed, which still has its old behaviour
+        if changed == ["num_rounds"] and old["num_rounds"] < self.num_rounds:
+            # rounds 1..R_old do not depend on R: they are kept and the run goes on to the new last round
+            logger.info(
+                "extending the run in %s from %d to %d rounds", self.output_dir, old["num_rounds"], self.num_rounds
+            )
+            return False
         if not self.overwrite:
             raise RuntimeError(
                 f"{self.output_dir} holds a run with a different configuration (changed: {changed}); "
