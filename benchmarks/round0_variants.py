@@ -131,6 +131,11 @@ VARIANTS = {
     "+ layers + flip, 4 background / 1 foreground prototypes": {**BUNDLE_FEATURES, "clusters": (4, 1)},
     "+ layers + flip, 8 background / 2 foreground prototypes": {**BUNDLE_FEATURES, "clusters": (8, 2)},
     "+ layers + flip, 16 background / 4 foreground prototypes": {**BUNDLE_FEATURES, "clusters": (16, 4)},
+    "+ layers + flip, pool EM prototypes (1 step)": {**BUNDLE_FEATURES, "em": 1},
+    "+ layers + flip, pool EM prototypes (3 steps)": {**BUNDLE_FEATURES, "em": 3},
+    "+ layers + flip, holes filled": {**BUNDLE_FEATURES, "shape": "fill_holes"},
+    "+ layers + flip, largest component only": {**BUNDLE_FEATURES, "shape": "largest_component"},
+    "+ layers + flip, largest component, holes filled": {**BUNDLE_FEATURES, "shape": "both"},
 }
 
 
@@ -176,6 +181,48 @@ def clustered_prototypes(cells: list[torch.Tensor], counts: tuple, seed: int = 0
     return protos
 
 
+def pool_em_prototypes(
+    pool: list[torch.Tensor], prototypes: torch.Tensor, reference: list[torch.Tensor], steps: int, keep: float = 0.5
+) -> torch.Tensor:
+    """(C, D) prototypes re-estimated from the pool, EM-like (FINDINGS.md measured it on last-layer features).
+
+    Per step, every pool cell takes its best class; per class, the ``keep`` fraction of those cells with the largest
+    top-1 minus top-2 margin, pooled over the whole pool and joined by the reference's own cells of the class, give
+    the new mean prototype. Why: the pool shows the class in many more appearances than one reference does.
+    """
+    flat = torch.cat([f.reshape(f.shape[0], -1).T for f in pool])  # (N, D)
+    for _ in range(steps):
+        scores = flat @ prototypes.T
+        top2 = scores.topk(2, dim=1).values
+        margin, assign = top2[:, 0] - top2[:, 1], scores.argmax(1)
+        new = []
+        for c in range(len(prototypes)):
+            cells = flat[assign == c]
+            if len(cells):
+                cells = cells[margin[assign == c] >= torch.quantile(margin[assign == c], 1 - keep)]
+            new.append(F.normalize(torch.cat([cells, reference[c]]).mean(0), dim=0))
+        prototypes = torch.stack(new)
+    return prototypes
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Shape prior: foreground holes (background enclosed by foreground) become foreground."""
+    from scipy.ndimage import binary_fill_holes
+
+    return binary_fill_holes(mask > 0).astype(mask.dtype)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Shape prior: only the largest 8-connected foreground component stays (one lesion per image)."""
+    from scipy.ndimage import label
+
+    components, count = label(mask > 0, structure=np.ones((3, 3)))
+    if count <= 1:
+        return mask
+    sizes = np.bincount(components.ravel())[1:]
+    return (components == 1 + int(np.argmax(sizes))).astype(mask.dtype)
+
+
 def reference_class_means(features: torch.Tensor, label: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """(C,) mean cosine score of each class's own cells in the reference: how similar a typical member of the class
     is to its prototype. A compact class (a polyp) scores high, a varied one (background) low, so a plain argmax
@@ -208,7 +255,7 @@ def evaluate(feats: dict, split: dict, data_root: str, variant: dict) -> dict:
         shift = reference_class_means(select(feats[refs[0]], variant["layers"], variant["flip"]), ref_label, protos)
     shift[1] += variant.get("offset", 0.0)  # the foreground score must beat the background's by this margin
     ref_cells = None
-    if variant.get("knn") or variant.get("clusters"):
+    if variant.get("knn") or variant.get("clusters") or variant.get("em"):
         parts = [
             reference_cells(
                 select(feats[ref], variant["layers"], variant["flip"]),
@@ -219,6 +266,9 @@ def evaluate(feats: dict, split: dict, data_root: str, variant: dict) -> dict:
         ]
         ref_cells = [torch.cat([p[c] for p in parts]) for c in range(2)]
     multi = clustered_prototypes(ref_cells, variant["clusters"]) if variant.get("clusters") else None
+    if variant.get("em"):
+        pool = [select(feats[item], variant["layers"], variant["flip"]) for item in split["pool"]]
+        protos = pool_em_prototypes(pool, protos, ref_cells, variant["em"])
     scores, fg_prec, fg_rec = [], [], []
     for item in split["pool"]:
         f = select(feats[item], variant["layers"], variant["flip"])[None]
@@ -233,6 +283,10 @@ def evaluate(feats: dict, split: dict, data_root: str, variant: dict) -> dict:
         s = s - shift.view(1, -1, 1, 1)
         truth = read_label(mask_path(data_root, *item))
         pred = soft_labels(s, truth.shape).argmax(1)[0].numpy()
+        if variant.get("shape") in ("largest_component", "both"):
+            pred = largest_component(pred)
+        if variant.get("shape") in ("fill_holes", "both"):
+            pred = fill_holes(pred)
         if variant.get("oracle_grid"):  # the ground truth itself, through the token grid: the resolution limit
             grid = F.interpolate(torch.as_tensor(truth > 0)[None, None].float(), size=s.shape[-2:], mode="area")
             up = F.interpolate(grid, size=truth.shape, mode="bilinear", align_corners=False)
