@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 from conftest import blob_image
 from PIL import Image
 
@@ -69,6 +70,29 @@ def test_one_round_ablation_is_scored_from_the_medsmile_network(tiny_encoder, tm
     assert run["reference"] == f"busi/{os.path.splitext(os.path.basename(top))[0]}"
     assert run["reference_choice"] == "suggested"
     assert "Labelled reference (suggested)" in (out / "results.md").read_text()
+
+
+def test_refinement_replay_reproduces_the_round_it_replays(tiny_encoder, tmp_path):
+    """Replayed with the run's own q and K, the refinement gives the pool Dice the round wrote; q = 1 gives the
+    unrefined labels the one-round no-KNN row scores."""
+    from benchmarks import refinement_replay
+
+    data_root = fake_data_root(tmp_path / "data")
+    results = tmp_path / "results"
+    paper.main(
+        [
+            "--profile", "smoke", "--dataset", "busi", "--seeds", "0", "--variants", "medsmile", "no_knn",
+            "--data_root", str(data_root), "--results_dir", str(results),
+            "--set", f'encoder_weights="{tiny_encoder}"',
+        ]
+    )  # fmt: skip
+    out = results / f"smoke_encoder_weights-{os.path.basename(tiny_encoder)}"
+    run = json.loads((out / "busi.json").read_text())["runs"][0]
+    replayed = refinement_replay.replay(str(out / "busi" / "seed0" / "medsmile"), 1, (0.5, 1.0), (5,))
+    assert replayed["grid"]["q=0.5 K=5"]["pool_dice"] == pytest.approx(run["medsmile"]["pool_dice"][1], abs=1e-6)
+    assert replayed["grid"]["q=1.0 K=0"]["pool_dice"] == pytest.approx(run["no_knn"]["pool_dice"][1], abs=1e-6)
+    assert replayed["grid"]["q=1.0 K=0"]["refined"] == 0 and replayed["grid"]["q=0.5 K=5"]["refined"] == 2
+    assert refinement_replay.spearman(np.array([3.0, 1.0, 2.0]), np.array([0.1, 0.3, 0.2])) == pytest.approx(-1.0)
 
 
 def test_set_values_are_json_or_plain_text():
