@@ -61,7 +61,9 @@ def replay(run_root: str, round_index: int, quantiles=QUANTILES, neighbours=NEIG
     )
 
     def dice(i: int) -> float:
-        soft = F.interpolate(predictions.soft_label(i)[None], size=truths[i].shape, mode="bilinear")
+        soft = F.interpolate(
+            predictions.soft_label(i)[None], size=truths[i].shape, mode="bilinear", align_corners=False
+        )
         return segmentation_scores(soft.argmax(1)[0].numpy(), truths[i], 2)["dice"][0]
 
     raw = np.array([dice(i) for i in range(len(pool))])
