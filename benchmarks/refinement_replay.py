@@ -33,7 +33,8 @@ NEIGHBOURS = (1, 5, 10, 20)
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Rank correlation (no ties expected in float scores)."""
+    """Rank correlation with ordinal ranks: tied values (many images share a Dice of 0 on BUSI) get distinct ranks in
+    numpy's sort order, where scipy.stats.spearmanr would average them; the reported rho values were made this way."""
     rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
     return float(np.corrcoef(rx, ry)[0, 1])
 
@@ -57,7 +58,15 @@ def replay(run_root: str, round_index: int, quantiles=QUANTILES, neighbours=NEIG
     network.load_state_dict(state)
     features = np.load(os.path.join(run_dir, "round_0", "global_features.npy"))
     predictions = predict_and_refine(
-        network, pool.train_images, features, cfg["num_classes"], 4, torch.device("cpu"), 1.0, 1, refine=False
+        network,
+        pool.train_images,
+        features,
+        cfg["num_classes"],
+        cfg["batch_size"],
+        torch.device("cpu"),
+        1.0,
+        1,
+        refine=False,
     )
 
     def dice(i: int) -> float:
