@@ -231,8 +231,10 @@ def set_value(text: str):
 
 
 def supervised_ceiling(cfg: dict, data_root: str, split: dict, out_dir: str) -> dict:
-    """The same network, image size and budget (epochs of one round) trained on the pool's ground truth."""
+    """The same network, image size and budget (epochs of one round) trained on the pool's ground truth, on a GPU
+    when there is one (as the pipeline's default device)."""
     torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     source = resolve_encoder(cfg["encoder_weights"])
     size = cfg["image_size"]
     items = []
@@ -249,7 +251,7 @@ def supervised_ceiling(cfg: dict, data_root: str, split: dict, out_dir: str) -> 
         decoder_layers=cfg["decoder_layers"],
         hidden_dim=cfg["hidden_dim"],
         pixel_decoder_layers=cfg["pixel_decoder_layers"],
-    )
+    ).to(device)
     t0 = time.time()
     train_round(
         network,
@@ -259,14 +261,15 @@ def supervised_ceiling(cfg: dict, data_root: str, split: dict, out_dir: str) -> 
         cfg["learning_rate"],
         cfg["weight_decay"],
         cfg["grad_clip_norm"],
-        torch.device("cpu"),
+        device,
         os.path.join(out_dir, "checkpoints"),
         loss=cfg["loss"],
         freeze_backbone=cfg.get("freeze_backbone", False),
         head_learning_rate=cfg.get("head_learning_rate"),
         augmentation=cfg.get("augmentation", "flips"),
     )
-    return {"test": predict_test(network, data_root, split["tests"], size), "train_s": time.time() - t0}
+    train_s = time.time() - t0
+    return {"test": predict_test(network.cpu(), data_root, split["tests"], size), "train_s": train_s}
 
 
 def effective_config(profile: str) -> dict:
@@ -348,17 +351,23 @@ def main(argv=None) -> None:
         choices=["random", "suggested"],
         help="random: a seeded train image (the paper); suggested: the top of `run suggest` on the same images",
     )
+    parser.add_argument("--pool_size", type=int, help="pool images per run, instead of the profile's benchmark value")
+    parser.add_argument("--test_size", type=int, help="images per test split, instead of the profile's benchmark value")
     parser.add_argument(
         "--set", nargs="*", default=[], help="extra overrides key=value (JSON values; other text is taken as a string)"
     )
     args = parser.parse_args(argv)
+    args.data_root = os.path.abspath(args.data_root)  # the runs start in bundle/, so relative paths would break
     profile = load_profile(args.profile)
-    bench = profile.get("benchmark", {})
+    bench = dict(profile.get("benchmark", {}))
+    sizes = {k: getattr(args, k) for k in ("pool_size", "test_size") if getattr(args, k) is not None}
+    bench.update(sizes)
     extra = {k: set_value(v) for k, v in (s.split("=", 1) for s in args.set)}
     cfg = {**effective_config(args.profile), **extra}
     tag = (
         args.profile
         + ("_suggested" if args.reference == "suggested" else "")
+        + "".join(f"_{k.split('_')[0]}-{v}" for k, v in sizes.items())
         + "".join(f"_{k}-{os.path.basename(str(v))}" for k, v in extra.items())
     )
     out_root = os.path.join(args.results_dir, tag)

@@ -26,19 +26,21 @@ def fake_data_root(root, n_train=6, n_test=2):
     return root
 
 
-def test_benchmark_smoke_profile_writes_its_table(tiny_encoder, tmp_path):
-    data_root = fake_data_root(tmp_path / "data")
+def test_benchmark_smoke_profile_writes_its_table(tiny_encoder, tmp_path, monkeypatch):
+    fake_data_root(tmp_path / "data")
     results = tmp_path / "results"
+    monkeypatch.chdir(tmp_path)  # a relative --data_root must survive the runs' start in bundle/
     paper.main(
         [
-            "--profile", "smoke", "--dataset", "busi", "--seeds", "0",
-            "--data_root", str(data_root), "--results_dir", str(results),
+            "--profile", "smoke", "--dataset", "busi", "--seeds", "0", "--pool_size", "3",
+            "--data_root", "data", "--results_dir", str(results),
             "--set", f'encoder_weights="{tiny_encoder}"',
         ]
     )  # fmt: skip
-    out = results / f"smoke_encoder_weights-{os.path.basename(tiny_encoder)}"
+    out = results / f"smoke_pool-3_encoder_weights-{os.path.basename(tiny_encoder)}"
     res = json.loads((out / "busi.json").read_text())
     run = res["runs"][0]
+    assert res["pool_size"] == 3 and run["medsmile"]["summary_rounds"][0]["images"] == 3  # not the profile's 4
     assert len(run["medsmile"]["pool_dice"]) == 2 and len(run["no_knn"]["pool_dice"]) == 2  # rounds 0 and 1
     assert all(0.0 <= d <= 1.0 for d in run["medsmile"]["pool_dice"])
     assert set(run["medsmile"]["test"][0]) == {"busi"}
