@@ -106,3 +106,20 @@ def test_set_values_are_json_or_plain_text():
     assert set_value("[-1]") == [-1]
     assert set_value('"strong"') == "strong"
     assert set_value("strong") == "strong"  # not JSON: the text itself, as a shell user would type it
+
+
+def test_table_of_a_ceiling_only_invocation():
+    """``--variants supervised`` alone: the ceiling row without a recovery, and no MedSMILE timing line."""
+    res = {
+        "seeds": [0],
+        "pool_size": 3,
+        "rounds": 1,
+        "test_subsets": ["busi"],
+        "runs": [{"seed": 0, "reference": "busi/case0", "round0_test": {"busi": {"dice": 0.25}}}],
+        "supervised": {"test": {"busi": {"dice": 0.5}}},
+    }
+    table = paper.markdown({"busi": res}, "smoke", "cmd")
+    assert "| fully supervised (same net, budget) | busi | 0.500 | recovery of final one-label Dice: - |" in table
+    assert "Wall time" not in table and "Labelled reference (random): seed 0: busi/case0." in table
+    res["runs"][0]["medsmile"] = {"test": [{"busi": {"dice": 0.4}}], "pool_dice": [0.3, 0.35]}
+    assert "recovery of final one-label Dice: 0.800 |" in paper.markdown({"busi": res}, "smoke", "cmd")
