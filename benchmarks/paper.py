@@ -307,7 +307,10 @@ def markdown(results: dict, profile: str, command: str) -> str:
                 lines.append(f"| {variant} test Dice | {subset} | {mean_std(r0)} | " + " | ".join(cells) + " |")
             pool = [mean_std([run[variant]["pool_dice"][r] for run in res["runs"]]) for r in range(res["rounds"] + 1)]
             lines.append(f"| {variant} pool pseudo-label Dice | pool | " + " | ".join(pool) + " |")
-        if res["runs"][0].get("no_knn", {}).get("derived_from_medsmile"):
+        derived = res["runs"][0].get("no_knn", {}).get("derived_from_medsmile")
+        if derived == "refine off":
+            notes.append("no_knn: the medsmile run itself, which already ran without KNN refinement (refine false).")
+        elif derived:
             notes.append(
                 "no_knn with one round: the same network as medsmile (both train on the round-0 labels), so its test "
                 "Dice is medsmile's; its round-1 pool Dice is that network's own predictions, before KNN refinement."
@@ -392,6 +395,9 @@ def main(argv=None) -> None:
             run["round0_test"] = round0_test(cfg, args.data_root, split)
             for variant in ("medsmile", "no_knn"):
                 if variant not in args.variants:
+                    continue
+                if variant == "no_knn" and not cfg["refine"] and "medsmile" in run:
+                    run[variant] = {**run["medsmile"], "derived_from_medsmile": "refine off"}  # the same run
                     continue
                 if variant == "no_knn" and cfg["num_rounds"] == 1 and "medsmile" in run:
                     medsmile_dir = os.path.join(out_root, dataset, f"seed{seed}", "medsmile")

@@ -39,11 +39,7 @@ def run_medsmile(tiny_encoder: str, out, **overrides) -> dict:
 
 def test_pipeline_writes_every_artefact_and_inference_runs(tiny_encoder, png_dataset, tmp_path):
     data = png_dataset
-    args = run_medsmile(
-        tiny_encoder,
-        tmp_path,
-        **data["inputs"],
-    )
+    args = run_medsmile(tiny_encoder, tmp_path, refine=True, **data["inputs"])  # the paper's KNN step, off by default
     run_dir = tmp_path / "run"
     for r in range(3):
         labels = run_dir / f"round_{r}" / "labels"
@@ -235,6 +231,10 @@ def test_more_rounds_extend_a_finished_run(tiny_encoder, png_dataset, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
     assert summary["config"]["num_rounds"] == 2 and not {"name", "size"} & set(summary["config"])
+    # refinement is off by default: every round keeps its network's own predictions
+    assert summary["config"]["refine"] is False and all(r["refined"] == [] for r in summary["rounds"][1:])
+    rows = (tmp_path / "run" / "round_2" / "uncertainty.csv").read_text().splitlines()[1:]
+    assert rows and all(row.endswith(",0") for row in rows)
     exported = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     last = torch.load(tmp_path / "run" / "round_2" / "model.pt", weights_only=True)
     assert exported.keys() == last.keys() and all(torch.equal(exported[k], last[k]) for k in last)

@@ -139,7 +139,7 @@ class MedSMILEPipeline:
         weight_decay: float = 0.01,
         grad_clip_norm: float = 1.0,
         loss: str = "mask2former",
-        refine: bool = True,
+        refine: bool = False,
         uncertainty_quantile: float = 0.9,
         knn_k: int = 5,
         knn_exact_limit: int = 50_000,
