@@ -26,6 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = os.path.join(REPO, "bundle")
 sys.path.insert(0, BUNDLE)
 
+from scripts.distributed import local_device
 from scripts.encoder import load_dinov2, resolve_encoder
 from scripts.features import dinov2_features
 from scripts.image_io import read_case, read_label
@@ -234,7 +235,7 @@ def supervised_ceiling(cfg: dict, data_root: str, split: dict, out_dir: str) -> 
     """The same network, image size and budget (epochs of one round) trained on the pool's ground truth, on a GPU
     when there is one (as the pipeline's default device)."""
     torch.manual_seed(0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = local_device()
     source = resolve_encoder(cfg["encoder_weights"])
     size = cfg["image_size"]
     items = []
