@@ -33,7 +33,7 @@ from scripts.image_io import read_case, read_label
 from scripts.metrics import segmentation_scores, summarize
 from scripts.network import Mask2FormerDinov2, network_from_file
 from scripts.pool import resize_image, to_uint8
-from scripts.prototypes import class_prototypes, prototype_scores, soft_labels
+from scripts.prototypes import class_prototypes, foreground_contrast_scores, prototype_scores, soft_labels
 from scripts.training import round_epochs, train_round
 
 DATASETS = {
@@ -95,7 +95,7 @@ def suggested_split(split: dict, data_root: str, profile: str, out_dir: str, see
     cmd = [sys.executable, "-m", "monai.bundle", "run", "suggest", "--config_file", configs, "--datalist", datalist]
     cmd += ["--dataset_dir", os.path.abspath(data_root), "--output_dir", out_dir, "--seed", str(seed)]
     for key, value in overrides.items():
-        cmd += [f"--{key}", str(value)]
+        cmd += [f"--{key}", cli_value(value)]
     with open(os.path.join(out_dir, "log.txt"), "w") as log:
         subprocess.run(cmd, cwd=BUNDLE, check=True, stdout=log, stderr=subprocess.STDOUT)
     by_path = {os.path.realpath(image_path(data_root, *case)): case for case in population}
@@ -103,6 +103,12 @@ def suggested_split(split: dict, data_root: str, profile: str, out_dir: str, see
         ranked = [by_path[os.path.realpath(row["source"])] for row in csv.DictReader(f)]
     reference = next(c for c in ranked if read_label(mask_path(data_root, *c)).any())
     return {**split, "reference": reference, "pool": [c for c in population if c != reference]}
+
+
+def cli_value(value) -> str:
+    """A setting as ``monai.bundle run`` reads it: None as "null", since it drops ``--key None`` and keeps the
+    config's value (the pipeline reads "null" as None)."""
+    return "null" if value is None else str(value)
 
 
 def write_datalist(path: str, data_root: str, pool: list) -> None:
@@ -129,7 +135,7 @@ def run_medsmile(profile: str, out_dir: str, data_root: str, split: dict, overri
     }
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs]
     for key, value in args.items():
-        cmd += [f"--{key}", str(value)]
+        cmd += [f"--{key}", cli_value(value)]
     with open(os.path.join(out_dir, "command.txt"), "w") as f:
         f.write(" ".join(cmd) + "\n")
     with open(os.path.join(out_dir, "log.txt"), "w") as log:
@@ -204,7 +210,8 @@ def round0_test(cfg: dict, data_root: str, split: dict) -> dict:
         for test_stem in stems:
             _, slices = read_case(image_path(data_root, test_subset, test_stem))
             feats, _ = dinov2_features(encoder, resize_image(slices[0], feature_size)[None], **options)
-            pred = soft_labels(prototype_scores(feats, protos), slices[0].shape[1:]).argmax(1)[0]
+            cosine = foreground_contrast_scores(prototype_scores(feats, protos), cfg.get("foreground_contrast"))
+            pred = soft_labels(cosine, slices[0].shape[1:]).argmax(1)[0]
             truth = read_label(mask_path(data_root, test_subset, test_stem))
             scores.append(segmentation_scores(pred.numpy(), truth, 2))
         s = summarize(scores, 2)

@@ -23,7 +23,7 @@ from scripts.encoder import load_dinov2, resolve_encoder
 from scripts.image_io import read_case, read_label
 from scripts.metrics import segmentation_scores, summarize
 from scripts.pool import resize_image
-from scripts.prototypes import class_prototypes, prototype_scores, soft_labels
+from scripts.prototypes import class_prototypes, foreground_contrast_scores, prototype_scores, soft_labels
 
 LAYERS = (8, 10, 12)  # hidden_states indices (12 = last layer of ViT-S)
 
@@ -110,13 +110,13 @@ def refine_with_image_prototypes(
     return scores
 
 
-BUNDLE_FEATURES = {"layers": "multi", "flip": True, "adapt": 0}  # the bundle's default round-0 features
+BUNDLE_FEATURES = {"layers": "multi", "flip": True, "adapt": 0}  # the bundle's round-0 features before 0.4.0
 
 VARIANTS = {
     "paper (mean prototype, last layer)": {"layers": "last", "flip": False, "adapt": 0},
     "+ flip averaging": {"layers": "last", "flip": True, "adapt": 0},
     "+ layers 8/10/12": {"layers": "multi", "flip": False, "adapt": 0},
-    "+ layers 8/10/12 + flip (bundle default)": BUNDLE_FEATURES,
+    "+ layers 8/10/12 + flip (bundle default until 0.3)": BUNDLE_FEATURES,
     "+ image prototypes (1 step)": {"layers": "last", "flip": False, "adapt": 1},
     "+ image prototypes (3 steps)": {"layers": "last", "flip": False, "adapt": 3},
     "+ image prototypes (1) + layers + flip": {**BUNDLE_FEATURES, "adapt": 1},
@@ -136,6 +136,11 @@ VARIANTS = {
     "+ layers + flip, holes filled": {**BUNDLE_FEATURES, "shape": "fill_holes"},
     "+ layers + flip, largest component only": {**BUNDLE_FEATURES, "shape": "largest_component"},
     "+ layers + flip, largest component, holes filled": {**BUNDLE_FEATURES, "shape": "both"},
+    "+ layers + flip, foreground contrast k=0": {**BUNDLE_FEATURES, "contrast": 0.0},
+    "+ layers + flip, foreground contrast k=0.25": {**BUNDLE_FEATURES, "contrast": 0.25},
+    "+ layers + flip, foreground contrast k=0.5 (bundle default)": {**BUNDLE_FEATURES, "contrast": 0.5},
+    "+ layers + flip, foreground contrast k=0.75": {**BUNDLE_FEATURES, "contrast": 0.75},
+    "+ layers + flip, foreground contrast k=1": {**BUNDLE_FEATURES, "contrast": 1.0},
 }
 
 
@@ -280,7 +285,7 @@ def evaluate(feats: dict, split: dict, data_root: str, variant: dict) -> dict:
             s = prototype_scores(f, protos)
         if variant["adapt"]:
             s = refine_with_image_prototypes(f, s, protos, steps=variant["adapt"])
-        s = s - shift.view(1, -1, 1, 1)
+        s = foreground_contrast_scores(s - shift.view(1, -1, 1, 1), variant.get("contrast"))
         truth = read_label(mask_path(data_root, *item))
         pred = soft_labels(s, truth.shape).argmax(1)[0].numpy()
         if variant.get("shape") in ("largest_component", "both"):
@@ -319,7 +324,7 @@ def main(argv=None) -> None:
     if args.only:
         variants = {name: v for name, v in VARIANTS.items() if any(part in name for part in args.only)}
     if args.shots:
-        chosen = ("paper (mean prototype, last layer)", "+ layers 8/10/12 + flip (bundle default)")
+        chosen = ("paper (mean prototype, last layer)", "+ layers 8/10/12 + flip (bundle default until 0.3)")
         variants = {f"K={k}, {name}": {**VARIANTS[name], "shots": k} for k in args.shots for name in chosen}
     rows = {name: [] for name in variants}
     t0 = time.time()

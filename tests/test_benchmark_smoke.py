@@ -34,10 +34,10 @@ def test_benchmark_smoke_profile_writes_its_table(tiny_encoder, tmp_path, monkey
         [
             "--profile", "smoke", "--dataset", "busi", "--seeds", "0", "--pool_size", "3",
             "--data_root", "data", "--results_dir", str(results),
-            "--set", f'encoder_weights="{tiny_encoder}"',
+            "--set", f'encoder_weights="{tiny_encoder}"', "head_learning_rate=null",
         ]
     )  # fmt: skip
-    out = results / f"smoke_pool-3_encoder_weights-{os.path.basename(tiny_encoder)}"
+    out = results / f"smoke_pool-3_encoder_weights-{os.path.basename(tiny_encoder)}_head_learning_rate-None"
     res = json.loads((out / "busi.json").read_text())
     run = res["runs"][0]
     assert res["pool_size"] == 3 and run["medsmile"]["summary_rounds"][0]["images"] == 3  # not the profile's 4
@@ -48,6 +48,9 @@ def test_benchmark_smoke_profile_writes_its_table(tiny_encoder, tmp_path, monkey
     table = (out / "results.md").read_text()
     assert "| medsmile pool pseudo-label Dice | pool |" in table and "fully supervised" in table
     assert (out / "busi.md").read_text() == table  # one file per dataset survives later invocations
+    # null reaches the run (monai.bundle drops "--key None", which used to leave the default 5e-4 in place)
+    recorded = json.loads((out / "busi" / "seed0" / "medsmile" / "run" / "run_config.json").read_text())["config"]
+    assert recorded["head_learning_rate"] is None
 
 
 def test_one_round_ablation_is_scored_from_the_medsmile_network(tiny_encoder, tmp_path):

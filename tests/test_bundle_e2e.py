@@ -219,6 +219,30 @@ def test_run_recorded_before_an_option_existed_still_resumes(tiny_encoder, png_d
         run_medsmile(tiny_encoder, tmp_path, num_rounds=1, **common)
     assert "different configuration (changed: ['head_learning_rate'])" in chain(err.value)
     assert (label_file.read_bytes(), os.stat(label_file).st_mtime_ns) == before
+    # as written before foreground_contrast existed (the paper's plain argmax): the default 0.5 is a change, and the
+    # run resumes with --foreground_contrast null ("None" would be dropped by monai.bundle), what that version did
+    old = {k: v for k, v in record["config"].items() if k != "foreground_contrast"}
+    record_file.write_text(json.dumps({"fingerprint": "older", "config": old}))
+    with pytest.raises(RuntimeError) as err:
+        run_medsmile(tiny_encoder, tmp_path, num_rounds=1, **common)
+    assert "different configuration (changed: ['foreground_contrast'])" in chain(err.value)
+    run_medsmile(tiny_encoder, tmp_path, num_rounds=1, foreground_contrast="null", **common)
+    assert (label_file.read_bytes(), os.stat(label_file).st_mtime_ns) == before
+
+
+def test_foreground_contrast_shapes_the_round0_labels(tiny_encoder, png_dataset, tmp_path):
+    common = {k: png_dataset[k] for k in ("dataset_dir", "reference_image", "reference_label")}
+    fractions = {}
+    for name, contrast, recorded in (("plain", "null", None), ("impossible", 100, 100.0)):
+        run_medsmile(tiny_encoder, tmp_path / name, num_rounds=0, foreground_contrast=contrast, **common)
+        summary = json.loads((tmp_path / name / "run" / "summary.json").read_text())
+        assert summary["config"]["foreground_contrast"] == recorded
+        fractions[name] = summary["rounds"][0]["foreground_fraction"]
+    # no cell beats its image's mean margin by 100 standard deviations: every round-0 label is background
+    assert fractions["plain"] > 0 and fractions["impossible"] == 0
+    with pytest.raises(RuntimeError) as err:
+        run_medsmile(tiny_encoder, tmp_path / "bad", num_rounds=0, foreground_contrast="high", **common)
+    assert "foreground_contrast='high' must be a number or null" in chain(err.value)
 
 
 def test_more_rounds_extend_a_finished_run(tiny_encoder, png_dataset, tmp_path):
@@ -349,6 +373,15 @@ def test_k_shot_references_leave_the_pool_and_keep_their_true_labels(tiny_encode
         # MONAI's PNG reader gives (x, y) spatial order: the numpy (row, column) mask transposed
         expected = torch.as_tensor(np.ascontiguousarray(mask.T))[None]
         assert torch.equal(refs[1]["label"].long(), expected.long())
+
+
+@pytest.mark.parametrize("text, expected", [("null", None), ("None", None), (None, None), (0.5, 0.5), (2, 2.0)])
+def test_command_line_numbers_may_be_null(text, expected):
+    from scripts.pipeline import as_optional_number
+
+    assert as_optional_number("foreground_contrast", text) == expected
+    with pytest.raises(ValueError, match="head_learning_rate='fast' must be a number or null"):
+        as_optional_number("head_learning_rate", "fast")
 
 
 @pytest.mark.parametrize(("text", "expected"), [("false", False), ("False", False), ("true", True), ("1", True)])

@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scripts.prototypes import check_reference_label, class_prototypes, prototype_scores, soft_labels
+from scripts.prototypes import (
+    check_reference_label,
+    class_prototypes,
+    foreground_contrast_scores,
+    prototype_scores,
+    soft_labels,
+)
 
 
 def test_prototypes_and_scores_match_hand_computation():
@@ -41,6 +47,34 @@ def test_prototype_is_normalised_mean_over_class_cells():
     protos2 = class_prototypes([feats, feats], [label, 1 - label], num_classes=2)
     expected = torch.tensor([1.6, 0.8]) / math.hypot(1.6, 0.8)
     assert torch.allclose(protos2[1], expected) and torch.allclose(protos2[0], expected)
+
+
+def test_foreground_contrast_raises_the_bar_to_the_image_mean_plus_k_std():
+    # one image, 1x4 cells, background score 0 everywhere: the margins are the foreground scores 0.1, 0.2, 0.3, 0.6
+    scores = torch.tensor([[[[0.0, 0.0, 0.0, 0.0]], [[0.1, 0.2, 0.3, 0.6]]]])
+    # mean 0.3; deviations -0.2, -0.1, 0, 0.3 -> unbiased variance 0.14 / 3; k = 0.5 -> bar 0.3 + 0.5 * 0.21602
+    bar = 0.3 + 0.5 * math.sqrt(0.14 / 3)
+    adjusted = foreground_contrast_scores(scores, 0.5)
+    assert torch.equal(adjusted[:, 0], scores[:, 0])  # background untouched
+    torch.testing.assert_close(adjusted[0, 1, 0], torch.tensor([0.1, 0.2, 0.3, 0.6]) - bar)
+    assert scores.argmax(1).tolist() == [[[1, 1, 1, 1]]]  # the paper's argmax: every cell foreground
+    assert adjusted.argmax(1).tolist() == [[[0, 0, 0, 1]]]  # only the cell that stands out in its image
+    assert foreground_contrast_scores(scores, None) is scores
+
+
+def test_foreground_contrast_never_lowers_the_paper_bar_and_is_per_class_and_image():
+    # margins -0.5, -0.4, -0.3, 0.1: mean -0.275, std 0.263, bar -0.275 + 0.5 * 0.263 < 0 -> clamped to 0
+    low = torch.tensor([[[[0.0, 0.0, 0.0, 0.0]], [[-0.5, -0.4, -0.3, 0.1]]]])
+    torch.testing.assert_close(foreground_contrast_scores(low, 0.5), low)
+    # a batch of that image and the one above, and a third class: each (image, class) gets its own bar
+    high = torch.tensor([[[[0.0, 0.0, 0.0, 0.0]], [[0.1, 0.2, 0.3, 0.6]]]])
+    batch = torch.cat([torch.cat([low, high[:, 1:]], 1), torch.cat([high, low[:, 1:]], 1)])  # (2, C=3, 1, 4)
+    adjusted = foreground_contrast_scores(batch, 0.5)
+    bar = 0.3 + 0.5 * math.sqrt(0.14 / 3)
+    torch.testing.assert_close(adjusted[0, 1], low[0, 1])
+    torch.testing.assert_close(adjusted[0, 2], high[0, 1] - bar)
+    torch.testing.assert_close(adjusted[1, 1], high[0, 1] - bar)
+    torch.testing.assert_close(adjusted[1, 2], low[0, 1])
 
 
 def test_multiclass_upsampling_is_bilinear_then_softmax():

@@ -33,7 +33,13 @@ from .losses import IGNORE_LABEL
 from .network import Mask2FormerDinov2
 from .pool import ImagePool, pool_sources, resize_image, to_uint8
 from .pool_store import ArrayStore, RowItems
-from .prototypes import check_reference_label, class_prototypes, prototype_scores, soft_labels
+from .prototypes import (
+    check_reference_label,
+    class_prototypes,
+    foreground_contrast_scores,
+    prototype_scores,
+    soft_labels,
+)
 from .refinement import mark_uncertain_pixels, mean_pixel_entropy, most_certain
 from .report import write_report
 from .round_store import (
@@ -63,6 +69,7 @@ def _as_list(value) -> list[str]:
 # run still resumes while the option keeps that value (an upgrade must not orphan finished rounds).
 ADDED_OPTIONS = {
     "augmentation": "flips",
+    "foreground_contrast": None,
     "head_learning_rate": None,
     "ignore_uncertain_pixels": 0.0,
     "reference_repeats": 1,
@@ -81,6 +88,20 @@ BOOLEAN_KEYS = (
     "overwrite",
     "export_torchscript",
 )
+
+
+# Numbers that may be switched off with null. On the command line MONAI drops ``--key None`` (the default stays) and
+# passes ``--key null`` as the text "null", so that text is read as null here.
+OPTIONAL_NUMBER_KEYS = ("head_learning_rate", "foreground_contrast")
+
+
+def as_optional_number(name: str, value) -> float | None:
+    """A number or null, also when given on the command line as the text "null"."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none")):
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError(f"{name}={value!r} must be a number or null")
 
 
 def as_bool(name: str, value) -> bool:
@@ -125,6 +146,7 @@ class MedSMILEPipeline:
         feature_image_size: int = 448,
         feature_layers: list[int] | tuple[int, ...] = (-5, -3, -1),
         flip_average: bool = True,
+        foreground_contrast: float | None = 0.5,
         image_size: int = 224,
         num_rounds: int = 3,
         epochs: int = 10,
@@ -183,6 +205,8 @@ class MedSMILEPipeline:
         self.cfg["feature_layers"] = list(feature_layers)
         for name in BOOLEAN_KEYS:
             self.cfg[name] = as_bool(name, self.cfg[name])
+        for name in OPTIONAL_NUMBER_KEYS:
+            self.cfg[name] = as_optional_number(name, self.cfg[name])
         self.cfg["device"] = str(device)
         self.output_dir = os.path.abspath(output_dir)
         self.device = torch.device(device)
@@ -306,6 +330,7 @@ class MedSMILEPipeline:
         for batch in distributed.shard_loader(RowItems(pool.feature_images), self.batch_size):  # this rank's share
             patch, glob = self._features(encoder, batch["image"].float().div(255))
             batch_scores = prototype_scores(patch, prototypes.to(self.device))
+            batch_scores = foreground_contrast_scores(batch_scores, self.foreground_contrast)
             index, batch_scores, glob = distributed.gather(batch["index"].to(self.device), batch_scores, glob)
             index, batch_scores = index.cpu(), batch_scores.cpu()
             feats[index.numpy()] = glob.cpu().numpy()
