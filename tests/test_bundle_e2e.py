@@ -219,14 +219,15 @@ def test_run_recorded_before_an_option_existed_still_resumes(tiny_encoder, png_d
         run_medsmile(tiny_encoder, tmp_path, num_rounds=1, **common)
     assert "different configuration (changed: ['head_learning_rate'])" in chain(err.value)
     assert (label_file.read_bytes(), os.stat(label_file).st_mtime_ns) == before
-    # as written before foreground_contrast existed (the paper's plain argmax): the default 0.5 is a change, and the
-    # run resumes with --foreground_contrast null ("None" would be dropped by monai.bundle), what that version did
+    # as written before foreground_contrast existed (the paper's plain argmax): the default null is what such a run
+    # did, so it resumes untouched; asking for the contrast step on that run is a change and is refused
     old = {k: v for k, v in record["config"].items() if k != "foreground_contrast"}
     record_file.write_text(json.dumps({"fingerprint": "older", "config": old}))
+    run_medsmile(tiny_encoder, tmp_path, num_rounds=1, **common)
+    assert (label_file.read_bytes(), os.stat(label_file).st_mtime_ns) == before
     with pytest.raises(RuntimeError) as err:
-        run_medsmile(tiny_encoder, tmp_path, num_rounds=1, **common)
+        run_medsmile(tiny_encoder, tmp_path, num_rounds=1, foreground_contrast=0.5, **common)
     assert "different configuration (changed: ['foreground_contrast'])" in chain(err.value)
-    run_medsmile(tiny_encoder, tmp_path, num_rounds=1, foreground_contrast="null", **common)
     assert (label_file.read_bytes(), os.stat(label_file).st_mtime_ns) == before
 
 

@@ -146,7 +146,7 @@ class MedSMILEPipeline:
         feature_image_size: int = 448,
         feature_layers: list[int] | tuple[int, ...] = (-5, -3, -1),
         flip_average: bool = True,
-        foreground_contrast: float | None = 0.5,
+        foreground_contrast: float | None = None,
         image_size: int = 224,
         num_rounds: int = 3,
         epochs: int = 10,
