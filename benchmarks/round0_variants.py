@@ -110,7 +110,11 @@ def refine_with_image_prototypes(
     return scores
 
 
-BUNDLE_FEATURES = {"layers": "multi", "flip": True, "adapt": 0}  # the bundle's default round-0 features (foreground_contrast off)
+BUNDLE_FEATURES = {
+    "layers": "multi",
+    "flip": True,
+    "adapt": 0,
+}  # the bundle's default round-0 features (foreground_contrast off)
 
 VARIANTS = {
     "paper (mean prototype, last layer)": {"layers": "last", "flip": False, "adapt": 0},
