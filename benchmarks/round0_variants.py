@@ -110,11 +110,8 @@ def refine_with_image_prototypes(
     return scores
 
 
-BUNDLE_FEATURES = {
-    "layers": "multi",
-    "flip": True,
-    "adapt": 0,
-}  # the bundle's default round-0 features (foreground_contrast off)
+# the bundle's default round-0 features (foreground_contrast off)
+BUNDLE_FEATURES = {"layers": "multi", "flip": True, "adapt": 0}
 
 VARIANTS = {
     "paper (mean prototype, last layer)": {"layers": "last", "flip": False, "adapt": 0},
