@@ -297,7 +297,8 @@ def mean_std(values: list[float]) -> str:
 def markdown(results: dict, profile: str, command: str) -> str:
     lines = [f"### Profile `{profile}`", "", f"Command: `{command}`", ""]
     for dataset, res in results.items():
-        lines += [f"#### {dataset} (seeds {res['seeds']}, pool {res['pool_size']} images)", ""]
+        seeds = f"seeds {res['seeds']}" + (f" of {res['seeds_planned']}, unfinished" if "seeds_planned" in res else "")
+        lines += [f"#### {dataset} ({seeds}, pool {res['pool_size']} images)", ""]
         lines += [
             "| variant | test split | round 0 | " + " | ".join(f"round {r}" for r in range(1, res["rounds"] + 1)) + " |"
         ]
@@ -347,6 +348,26 @@ def markdown(results: dict, profile: str, command: str) -> str:
                 "",
             ]
     return "\n".join(lines)
+
+
+def dataset_result(runs: list[dict], bench: dict, cfg: dict, dataset: str) -> dict:
+    """The per-dataset record of `main`, over the seeds in `runs`."""
+    return {
+        "seeds": [run["seed"] for run in runs],
+        "pool_size": bench.get("pool_size"),
+        "rounds": cfg["num_rounds"],
+        "test_subsets": list(DATASETS[dataset]["test"]),
+        "runs": runs,
+        "config": cfg,
+    }
+
+
+def write_dataset_result(out_root: str, dataset: str, res: dict, tag: str, command: str) -> None:
+    """`<dataset>.json` and `<dataset>.md`, one pair per dataset so that later invocations leave it alone."""
+    with open(os.path.join(out_root, f"{dataset}.json"), "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    with open(os.path.join(out_root, f"{dataset}.md"), "w") as f:
+        f.write(markdown({dataset: res}, tag, command) + "\n")
 
 
 def main(argv=None) -> None:
@@ -428,14 +449,10 @@ def main(argv=None) -> None:
                     timings.append(summary)
             runs.append(run)
             print(json.dumps(run, default=str)[:2000], flush=True)
-        res = {
-            "seeds": args.seeds,
-            "pool_size": bench.get("pool_size"),
-            "rounds": cfg["num_rounds"],
-            "test_subsets": list(DATASETS[dataset]["test"]),
-            "runs": runs,
-            "config": cfg,
-        }
+            if len(runs) < len(args.seeds):  # an interrupted benchmark keeps the seeds it finished
+                partial = {**dataset_result(runs, bench, cfg, dataset), "seeds_planned": args.seeds, "command": command}
+                write_dataset_result(out_root, dataset, partial, tag, command)
+        res = dataset_result(runs, bench, cfg, dataset)
         if "supervised" in args.variants:
             split = choose_split(args.data_root, dataset, args.seeds[0], bench.get("pool_size"), bench.get("test_size"))
             res["supervised"] = supervised_ceiling(
@@ -454,10 +471,7 @@ def main(argv=None) -> None:
             }
         results[dataset] = res
         res["command"] = command
-        with open(os.path.join(out_root, f"{dataset}.json"), "w") as f:
-            json.dump(res, f, indent=1, default=str)
-        with open(os.path.join(out_root, f"{dataset}.md"), "w") as f:  # results.md holds this invocation's sets only
-            f.write(markdown({dataset: res}, tag, command) + "\n")
+        write_dataset_result(out_root, dataset, res, tag, command)
     md = markdown(results, tag, command)
     with open(os.path.join(out_root, "results.md"), "w") as f:
         f.write(md + "\n")

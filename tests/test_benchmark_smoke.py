@@ -53,6 +53,33 @@ def test_benchmark_smoke_profile_writes_its_table(tiny_encoder, tmp_path, monkey
     assert recorded["head_learning_rate"] is None
 
 
+def test_an_interrupted_benchmark_keeps_the_seeds_it_finished(tiny_encoder, tmp_path, monkeypatch):
+    data_root = fake_data_root(tmp_path / "data")
+    results = tmp_path / "results"
+    run_medsmile = paper.run_medsmile
+
+    def interrupted_at_seed_1(profile, out_dir, data_root, split, overrides):
+        if overrides["seed"] == 1:
+            raise RuntimeError("interrupted at seed 1")
+        return run_medsmile(profile, out_dir, data_root, split, overrides)
+
+    monkeypatch.setattr(paper, "run_medsmile", interrupted_at_seed_1)
+    with pytest.raises(RuntimeError, match="interrupted at seed 1"):
+        paper.main(
+            [
+                "--profile", "smoke", "--dataset", "busi", "--seeds", "0", "1", "--variants", "medsmile",
+                "--data_root", str(data_root), "--results_dir", str(results),
+                "--set", f'encoder_weights="{tiny_encoder}"',
+            ]
+        )  # fmt: skip
+    out = results / f"smoke_encoder_weights-{os.path.basename(tiny_encoder)}"
+    res = json.loads((out / "busi.json").read_text())
+    assert res["seeds"] == [0] and res["seeds_planned"] == [0, 1] and [r["seed"] for r in res["runs"]] == [0]
+    assert len(res["runs"][0]["medsmile"]["pool_dice"]) == 2  # seed 0's rounds 0 and 1, scored
+    assert "#### busi (seeds [0] of [0, 1], unfinished, pool" in (out / "busi.md").read_text()
+    assert not (out / "results.md").exists()  # the invocation's summary only when it completes
+
+
 def test_one_round_ablation_is_scored_from_the_medsmile_network(tiny_encoder, tmp_path):
     """The no-KNN row reuses the medsmile run: with refine off (the default) it is that run; with refine on and one
     round it is the same network (the replay test below covers that case)."""
