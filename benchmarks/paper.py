@@ -14,6 +14,7 @@ import csv
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -350,6 +351,12 @@ def markdown(results: dict, profile: str, command: str) -> str:
     return "\n".join(lines)
 
 
+def stop_runs_on_sigterm() -> None:
+    """Make `kill` of a benchmark stop its `monai.bundle run` child too: SIGTERM becomes SystemExit, on which
+    subprocess.run kills the child it waits for (a bare SIGTERM leaves that child training, orphaned)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def dataset_result(runs: list[dict], bench: dict, cfg: dict, dataset: str) -> dict:
     """The per-dataset record of `main`, over the seeds in `runs`."""
     return {
@@ -390,6 +397,7 @@ def main(argv=None) -> None:
         "--set", nargs="*", default=[], help="extra overrides key=value (JSON values; other text is taken as a string)"
     )
     args = parser.parse_args(argv)
+    stop_runs_on_sigterm()
     args.data_root = os.path.abspath(args.data_root)  # the runs start in bundle/, so relative paths would break
     profile = load_profile(args.profile)
     bench = dict(profile.get("benchmark", {}))

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,6 +83,23 @@ def test_an_interrupted_benchmark_keeps_the_seeds_it_finished(tiny_encoder, tmp_
     assert len(res["runs"][0]["medsmile"]["pool_dice"]) == 2  # seed 0's rounds 0 and 1, scored
     assert "#### busi (seeds [0] of [0, 1], unfinished, pool" in (out / "busi.md").read_text()
     assert not (out / "results.md").exists()  # the invocation's summary only when it completes
+
+
+def test_a_killed_benchmark_stops_the_run_it_waits_for():
+    script = (
+        "from benchmarks.paper import stop_runs_on_sigterm; import subprocess; stop_runs_on_sigterm(); "
+        "subprocess.run(['sleep', '60'])"
+    )
+    bench = subprocess.Popen([sys.executable, "-c", script], cwd=paper.REPO)
+    children = Path(f"/proc/{bench.pid}/task/{bench.pid}/children")
+    deadline = time.time() + 60
+    while not children.read_text().split():  # wait for the child run to start
+        assert bench.poll() is None and time.time() < deadline, "the stand-in run never started"
+        time.sleep(0.2)
+    run_pid = int(children.read_text().split()[0])
+    bench.send_signal(signal.SIGTERM)
+    assert bench.wait(timeout=30) == 128 + signal.SIGTERM
+    assert not os.path.exists(f"/proc/{run_pid}"), "the run outlived the benchmark"
 
 
 def test_one_round_ablation_is_scored_from_the_medsmile_network(tiny_encoder, tmp_path):
