@@ -370,9 +370,10 @@ def dataset_result(runs: list[dict], bench: dict, cfg: dict, dataset: str) -> di
 
 
 def write_dataset_result(out_root: str, dataset: str, res: dict, tag: str, command: str) -> None:
-    """`<dataset>.json` and `<dataset>.md`, one pair per dataset so that later invocations leave it alone."""
+    """`<dataset>.json` (with the command) and `<dataset>.md`, one pair per dataset so that later invocations leave
+    it alone."""
     with open(os.path.join(out_root, f"{dataset}.json"), "w") as f:
-        json.dump(res, f, indent=1, default=str)
+        json.dump({**res, "command": command}, f, indent=1, default=str)
     with open(os.path.join(out_root, f"{dataset}.md"), "w") as f:
         f.write(markdown({dataset: res}, tag, command) + "\n")
 
@@ -458,7 +459,7 @@ def main(argv=None) -> None:
             runs.append(run)
             print(json.dumps(run, default=str)[:2000], flush=True)
             if len(runs) < len(args.seeds):  # an interrupted benchmark keeps the seeds it finished
-                partial = {**dataset_result(runs, bench, cfg, dataset), "seeds_planned": args.seeds, "command": command}
+                partial = {**dataset_result(runs, bench, cfg, dataset), "seeds_planned": args.seeds}
                 write_dataset_result(out_root, dataset, partial, tag, command)
         res = dataset_result(runs, bench, cfg, dataset)
         if "supervised" in args.variants:
@@ -478,7 +479,6 @@ def main(argv=None) -> None:
                 "peak_rss_mb": float(max(r.get("peak_rss_mb", 0) for r in rounds)),
             }
         results[dataset] = res
-        res["command"] = command
         write_dataset_result(out_root, dataset, res, tag, command)
     md = markdown(results, tag, command)
     with open(os.path.join(out_root, "results.md"), "w") as f:
