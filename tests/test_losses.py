@@ -18,11 +18,11 @@ def test_semantic_to_instances_lists_the_classes_present():
     assert masks[1].shape == (1, 2, 2)
 
 
-@pytest.mark.parametrize("ignore_band", [False, True])
-def test_set_loss_needs_a_training_forward_and_decreases(tiny_encoder, ignore_band):
+@pytest.mark.parametrize("ignore_band, bootstrap", [(False, 0.0), (True, 0.0), (False, 0.3)])
+def test_set_loss_needs_a_training_forward_and_decreases(tiny_encoder, ignore_band, bootstrap):
     torch.manual_seed(0)
     net = Mask2FormerDinov2(2, tiny_encoder, hidden_dim=32, num_queries=4, decoder_layers=1, pixel_decoder_layers=1)
-    loss_fn = Mask2FormerSemanticLoss(net)
+    loss_fn = Mask2FormerSemanticLoss(net, bootstrap=bootstrap)
     x = torch.rand(2, 3, 56, 56)
     label = torch.zeros(2, 1, 56, 56, dtype=torch.long)
     label[:, :, 10:30, 10:30] = 1
@@ -99,3 +99,38 @@ def test_optimizer_without_a_head_learning_rate_uses_one_rate(tiny_encoder):
     optimizer = build_optimizer(net, 5e-5, None, 0.0, False)
     assert {g["lr"] for g in optimizer.param_groups} == {5e-5}
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(net.parameters()))
+
+
+@pytest.mark.parametrize("bootstrap", [0.0, 0.5])
+def test_semantic_loss_bootstrap_matches_a_hand_computation(bootstrap):
+    from scripts.losses import SemanticDiceCELoss
+
+    # two pixels, both predicted (0.8, 0.2); labels: pixel 0 foreground, pixel 1 background
+    pred = torch.log(torch.tensor([0.8, 0.2])).view(1, 2, 1, 1).repeat(1, 1, 1, 2)
+    label = torch.tensor([[[[1, 0]]]])
+    p, b = torch.tensor([0.8, 0.2]), bootstrap
+    targets = [(1 - b) * torch.tensor([0.0, 1.0]) + b * p, (1 - b) * torch.tensor([1.0, 0.0]) + b * p]
+    ce = sum(-(t * p.log()).sum() for t in targets) / 2
+    dice = 0.0
+    for c in range(2):  # MONAI's soft Dice per channel (smooth 1e-5), averaged over channels
+        inter = sum(p[c] * t[c] for t in targets)
+        dice += 1 - (2 * inter + 1e-5) / (2 * p[c] + sum(t[c] for t in targets) + 1e-5)
+    expected = ce + dice / 2
+    assert SemanticDiceCELoss(2, bootstrap)(pred, label).item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_bootstrap_mixes_the_prediction_into_the_query_mask_targets():
+    label = torch.tensor([[[[0, 1, IGNORE_LABEL]]]])
+    fill = torch.tensor([[0.7, 0.4, 0.9], [0.3, 0.6, 0.1]]).view(1, 2, 1, 3)
+    masks, classes = semantic_to_instances(label, 2, fill, bootstrap=0.5)
+    assert classes[0].tolist() == [0, 1]
+    # valid pixels: 0.5 x binary + 0.5 x fill; the ignored pixel takes the fill itself
+    assert torch.allclose(masks[0], torch.tensor([[[0.85, 0.2, 0.9]], [[0.15, 0.8, 0.1]]]))
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1, True, "0.2"])
+def test_bootstrap_targets_must_be_in_zero_one(value, tmp_path):
+    from scripts.pipeline import MedSMILEPipeline
+
+    with pytest.raises(ValueError, match=r"bootstrap_targets=.* must be a number in \[0, 1\)"):
+        MedSMILEPipeline(output_dir=str(tmp_path), model_path=str(tmp_path / "m.pt"), bootstrap_targets=value)

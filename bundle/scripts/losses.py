@@ -8,6 +8,10 @@ query masks directly and escapes that plateau within a few dozen iterations; mea
 
 Pixels labelled ``IGNORE_LABEL`` (the least certain pixels of a pseudo-label, ``ignore_uncertain_pixels``) give no
 CE / Dice term, and in the set loss their mask target is the network's own detached class probability.
+
+``bootstrap`` b (soft bootstrapping, Reed et al., ICLR 2015 workshop): every target becomes (1 - b) x the one-hot
+pseudo-label + b x the network's own detached class probability, so a pseudo-label the network consistently
+disagrees with pulls less; b = 0 is the plain loss.
 """
 
 from __future__ import annotations
@@ -20,13 +24,20 @@ from torch import nn
 IGNORE_LABEL = 255  # pseudo-label value of a pixel left out of the loss
 
 
+def check_bootstrap(bootstrap: float) -> float:
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, (int, float)) or not 0 <= bootstrap < 1:
+        raise ValueError(f"bootstrap_targets={bootstrap!r} must be a number in [0, 1)")
+    return float(bootstrap)
+
+
 class SemanticDiceCELoss(nn.Module):
     """CE + soft Dice on (B, C, H, W) logits against (B, 1, H, W) labels, skipping ``IGNORE_LABEL`` pixels; with no
-    ignored pixel it equals MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)``."""
+    ignored pixel and ``bootstrap`` 0 it equals MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)``."""
 
-    def __init__(self, num_classes: int):
+    def __init__(self, num_classes: int, bootstrap: float = 0.0):
         super().__init__()
         self.num_classes = num_classes
+        self.bootstrap = check_bootstrap(bootstrap)
         self.dice = MaskedDiceLoss(softmax=True)
 
     def forward(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -34,17 +45,21 @@ class SemanticDiceCELoss(nn.Module):
         valid = label != IGNORE_LABEL
         if not valid.any():
             return pred.sum() * 0.0  # nothing to learn from this batch; keeps the graph
-        ce = F.cross_entropy(pred, label, ignore_index=IGNORE_LABEL)
-        onehot = F.one_hot(label.where(valid, 0), self.num_classes).permute(0, 3, 1, 2).float()
-        return ce + self.dice(pred, onehot, mask=valid[:, None].float())
+        target = F.one_hot(label.where(valid, 0), self.num_classes).permute(0, 3, 1, 2).float()
+        if self.bootstrap:
+            target = (1 - self.bootstrap) * target + self.bootstrap * pred.detach().softmax(dim=1)
+        per_pixel = -(target * pred.log_softmax(dim=1)).sum(dim=1)  # CE against (soft) targets
+        ce = per_pixel[valid].mean()
+        return ce + self.dice(pred, target, mask=valid[:, None].float())
 
 
 def semantic_to_instances(
-    label: torch.Tensor, num_classes: int, fill: torch.Tensor | None = None
+    label: torch.Tensor, num_classes: int, fill: torch.Tensor | None = None, bootstrap: float = 0.0
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(B, 1, H, W) label maps -> per image, binary masks (n, H, W) and class ids (n,) of the classes present.
 
-    ``fill`` (B, C, H, W): mask values at ``IGNORE_LABEL`` pixels (default 0)."""
+    ``fill`` (B, C, H, W): mask values at ``IGNORE_LABEL`` pixels (default 0); with ``bootstrap`` b, every other
+    pixel's mask value becomes (1 - b) x its binary value + b x ``fill``."""
     masks, classes = [], []
     for b, item in enumerate(label[:, 0].long()):
         present = [c for c in range(num_classes) if (item == c).any()]
@@ -53,6 +68,8 @@ def semantic_to_instances(
         per_class = []
         for c in present:
             mask = (item == c).float()
+            if fill is not None and bootstrap:
+                mask = (1 - bootstrap) * mask + bootstrap * fill[b, c].to(mask.dtype)
             if fill is not None and ignored.any():
                 mask = mask.where(~ignored, fill[b, c].to(mask.dtype))
             per_class.append(mask)
@@ -62,21 +79,24 @@ def semantic_to_instances(
 
 class Mask2FormerSemanticLoss(nn.Module):
     """``loss(pred, label)`` for a SupervisedTrainer: Mask2Former's set loss of the network's last training forward
-    (weights from its config: class 2, mask 5, dice 5, no-object 0.1) + ``semantic_weight`` x CE + Dice on ``pred``."""
+    (weights from its config: class 2, mask 5, dice 5, no-object 0.1) + ``semantic_weight`` x CE + Dice on ``pred``;
+    ``bootstrap`` mixes the network's own detached prediction into both (module docstring)."""
 
-    def __init__(self, network: nn.Module, semantic_weight: float = 1.0):
+    def __init__(self, network: nn.Module, semantic_weight: float = 1.0, bootstrap: float = 0.0):
         super().__init__()
         self.network = network
         self.semantic_weight = semantic_weight
-        self.semantic = SemanticDiceCELoss(network.num_classes)
+        self.bootstrap = check_bootstrap(bootstrap)
+        self.semantic = SemanticDiceCELoss(network.num_classes, bootstrap)
 
     def forward(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         out = self.network.last_query_outputs
         if out is None:
             raise RuntimeError("Mask2FormerSemanticLoss needs the network's forward in training mode first")
         m2f = self.network.mask2former
-        fill = pred.detach().softmax(dim=1) if (label == IGNORE_LABEL).any() else None
-        mask_labels, class_labels = semantic_to_instances(label, self.network.num_classes, fill)
+        needs_fill = self.bootstrap or (label == IGNORE_LABEL).any()
+        fill = pred.detach().softmax(dim=1) if needs_fill else None
+        mask_labels, class_labels = semantic_to_instances(label, self.network.num_classes, fill, self.bootstrap)
         losses = m2f.get_loss_dict(
             masks_queries_logits=out.masks_queries_logits,
             class_queries_logits=out.class_queries_logits,

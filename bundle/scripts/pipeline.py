@@ -29,7 +29,7 @@ from .encoder import EncoderSource, load_dinov2, resolve_encoder
 from .encoder_finetune import finetune_encoder
 from .features import dinov2_features
 from .image_io import label_slices, read_case, read_label
-from .losses import IGNORE_LABEL
+from .losses import IGNORE_LABEL, check_bootstrap
 from .network import Mask2FormerDinov2
 from .pool import ImagePool, pool_sources, resize_image, to_uint8
 from .pool_store import ArrayStore, RowItems
@@ -69,6 +69,7 @@ def _as_list(value) -> list[str]:
 # run still resumes while the option keeps that value (an upgrade must not orphan finished rounds).
 ADDED_OPTIONS = {
     "augmentation": "flips",
+    "bootstrap_targets": 0.0,
     "foreground_contrast": None,
     "head_learning_rate": None,
     "ignore_uncertain_pixels": 0.0,
@@ -154,6 +155,7 @@ class MedSMILEPipeline:
         train_fraction: float = 1.0,
         ignore_uncertain_pixels: float = 0.0,
         augmentation: str = "flips",
+        bootstrap_targets: float = 0.0,
         freeze_backbone: bool = True,
         batch_size: int = 4,
         learning_rate: float = 5e-5,
@@ -200,6 +202,7 @@ class MedSMILEPipeline:
             raise ValueError(f"train_fraction={train_fraction} must be in (0, 1]")
         if not 0 <= ignore_uncertain_pixels < 1:
             raise ValueError(f"ignore_uncertain_pixels={ignore_uncertain_pixels} must be in [0, 1)")
+        check_bootstrap(bootstrap_targets)
         if isinstance(reference_repeats, bool) or not isinstance(reference_repeats, int) or reference_repeats < 1:
             raise ValueError(f"reference_repeats={reference_repeats!r} must be a whole number >= 1")
         self.cfg["feature_layers"] = list(feature_layers)
@@ -463,6 +466,7 @@ class MedSMILEPipeline:
             freeze_backbone=self.freeze_backbone,
             head_learning_rate=self.head_learning_rate,
             augmentation=self.augmentation,
+            bootstrap_targets=self.bootstrap_targets,
         )
         t_train = time.time() - t0
         predictions = predict_and_refine(

@@ -95,11 +95,11 @@ def round_epochs(num_items: int, batch_size: int, epochs: int, min_iterations: i
     return max(epochs, math.ceil(min_iterations / per_epoch))
 
 
-def build_loss(name: str, network: torch.nn.Module) -> torch.nn.Module:
+def build_loss(name: str, network: torch.nn.Module, bootstrap: float = 0.0) -> torch.nn.Module:
     if name == "mask2former":
-        return Mask2FormerSemanticLoss(network)
+        return Mask2FormerSemanticLoss(network, bootstrap=bootstrap)
     if name == "dicece":
-        return SemanticDiceCELoss(network.num_classes)
+        return SemanticDiceCELoss(network.num_classes, bootstrap)
     raise ValueError(f"loss must be 'mask2former' or 'dicece', got {name!r}")
 
 
@@ -140,6 +140,7 @@ def train_round(
     freeze_backbone: bool = False,
     head_learning_rate: float | None = None,
     augmentation: str = "flips",
+    bootstrap_targets: float = 0.0,
 ) -> dict:
     """Train ``network`` in place with AdamW, cosine annealing per iteration, grad clipping and CE + Dice.
 
@@ -147,7 +148,8 @@ def train_round(
     the semantic map only). ``freeze_backbone`` keeps the pretrained DINOv2 fixed and trains the feature pyramid
     and Mask2Former only: half the CPU time per step (no backward through the ViT) and no drift of the features
     towards the noise of the pseudo-labels. ``learning_rate`` is the backbone's, ``head_learning_rate`` the rest's
-    (see ``build_optimizer``). Saves a checkpoint every epoch in ``checkpoint_dir`` and resumes from the newest one
+    (see ``build_optimizer``). ``bootstrap_targets`` mixes the network's own prediction into the targets (losses.py).
+    Saves a checkpoint every epoch in ``checkpoint_dir`` and resumes from the newest one
     found there, so a crash inside a round costs at most one epoch.
     """
     transform = training_transform(augmentation)
@@ -161,7 +163,7 @@ def train_round(
         train_data_loader=loader,
         network=distributed.wrap_model(network),  # DDP under torchrun; checkpoints hold the bare network
         optimizer=optimizer,
-        loss_function=build_loss(loss, network),
+        loss_function=build_loss(loss, network, bootstrap_targets),
         inferer=SimpleInferer(),
         decollate=False,
         train_handlers=[
