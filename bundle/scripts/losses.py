@@ -48,8 +48,7 @@ class SemanticDiceCELoss(nn.Module):
         target = F.one_hot(label.where(valid, 0), self.num_classes).permute(0, 3, 1, 2).float()
         if self.bootstrap:
             target = (1 - self.bootstrap) * target + self.bootstrap * pred.detach().softmax(dim=1)
-        per_pixel = -(target * pred.log_softmax(dim=1)).sum(dim=1)  # CE against (soft) targets
-        ce = per_pixel[valid].mean()
+        ce = F.cross_entropy(pred, target, reduction="none")[valid].mean()  # probability targets: no ignore_index
         return ce + self.dice(pred, target, mask=valid[:, None].float())
 
 
@@ -68,10 +67,9 @@ def semantic_to_instances(
         per_class = []
         for c in present:
             mask = (item == c).float()
-            if fill is not None and bootstrap:
-                mask = (1 - bootstrap) * mask + bootstrap * fill[b, c].to(mask.dtype)
-            if fill is not None and ignored.any():
-                mask = mask.where(~ignored, fill[b, c].to(mask.dtype))
+            if fill is not None:
+                own = fill[b, c].to(mask.dtype)
+                mask = ((1 - bootstrap) * mask + bootstrap * own).where(~ignored, own)
             per_class.append(mask)
         masks.append(torch.stack(per_class))
     return masks, classes
@@ -86,8 +84,8 @@ class Mask2FormerSemanticLoss(nn.Module):
         super().__init__()
         self.network = network
         self.semantic_weight = semantic_weight
-        self.bootstrap = check_bootstrap(bootstrap)
-        self.semantic = SemanticDiceCELoss(network.num_classes, bootstrap)
+        self.semantic = SemanticDiceCELoss(network.num_classes, bootstrap)  # checks bootstrap
+        self.bootstrap = self.semantic.bootstrap
 
     def forward(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         out = self.network.last_query_outputs

@@ -149,8 +149,8 @@ def train_round(
     and Mask2Former only: half the CPU time per step (no backward through the ViT) and no drift of the features
     towards the noise of the pseudo-labels. ``learning_rate`` is the backbone's, ``head_learning_rate`` the rest's
     (see ``build_optimizer``). ``bootstrap_targets`` mixes the network's own prediction into the targets (losses.py).
-    Saves a checkpoint every epoch in ``checkpoint_dir`` and resumes from the newest one
-    found there, so a crash inside a round costs at most one epoch.
+    Saves a checkpoint every epoch in ``checkpoint_dir`` and resumes from the newest one found there, so a crash
+    inside a round costs at most one epoch.
     """
     transform = training_transform(augmentation)
     loader = distributed.train_loader(Dataset(items, transform=transform), batch_size, num_workers, seed=seed)
