@@ -22,6 +22,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.inferers import SimpleInferer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = os.path.join(REPO, "bundle")
@@ -31,6 +32,7 @@ from scripts.distributed import local_device
 from scripts.encoder import load_dinov2, resolve_encoder
 from scripts.features import dinov2_features
 from scripts.image_io import read_case, read_label
+from scripts.inferers import FlipAveragingInferer
 from scripts.metrics import segmentation_scores, summarize
 from scripts.network import Mask2FormerDinov2, network_from_file
 from scripts.pool import resize_image, to_uint8
@@ -163,13 +165,17 @@ def pool_label_dice(run_dir: str, data_root: str) -> list[float]:
 
 
 @torch.no_grad()
-def predict_scores(network: torch.nn.Module, data_root: str, cases: list, image_size: int) -> dict:
-    """mDice / mIoU of a network on (subset, stem) cases: prediction at image_size, upsampled to the native size."""
+def predict_scores(
+    network: torch.nn.Module, data_root: str, cases: list, image_size: int, flip_average: bool = False
+) -> dict:
+    """mDice / mIoU of a network on (subset, stem) cases: prediction at image_size, upsampled to the native size;
+    ``flip_average``: through FlipAveragingInferer, as inference.json with ``flip_average`` true."""
     network.eval()
+    infer = FlipAveragingInferer() if flip_average else SimpleInferer()
     scores = []
     for subset, stem in cases:
         _, slices = read_case(image_path(data_root, subset, stem))
-        probs = network(resize_image(slices[0], image_size)[None]).softmax(1)
+        probs = infer(resize_image(slices[0], image_size)[None], network).softmax(1)
         probs = F.interpolate(probs, size=slices[0].shape[1:], mode="bilinear", align_corners=False)
         scores.append(
             segmentation_scores(probs.argmax(1)[0].numpy(), read_label(mask_path(data_root, subset, stem)), 2)
@@ -178,10 +184,12 @@ def predict_scores(network: torch.nn.Module, data_root: str, cases: list, image_
     return {"dice": s["mean_dice"], "iou": s["mean_iou"]}
 
 
-def predict_test(network: torch.nn.Module, data_root: str, tests: dict, image_size: int) -> dict:
+def predict_test(
+    network: torch.nn.Module, data_root: str, tests: dict, image_size: int, flip_average: bool = False
+) -> dict:
     """predict_scores on each test split."""
     return {
-        subset: predict_scores(network, data_root, [(subset, s) for s in stems], image_size)
+        subset: predict_scores(network, data_root, [(subset, s) for s in stems], image_size, flip_average)
         for subset, stems in tests.items()
     }
 
@@ -220,15 +228,20 @@ def round0_test(cfg: dict, data_root: str, split: dict) -> dict:
     return result
 
 
-def test_per_round(out_dir: str, data_root: str, split: dict, image_size: int) -> list[dict]:
+def test_per_round(
+    out_dir: str, data_root: str, split: dict, image_size: int, flip_average: bool = False
+) -> tuple[list[dict], list[dict]]:
+    """Single-view test scores of every round's network; with ``flip_average`` also the flip-averaged ones (else [])."""
     network = network_from_file(os.path.join(out_dir, "models", "network.json"))
-    rows = []
+    rows, flipped = [], []
     r = 1
     while os.path.isfile(os.path.join(out_dir, "run", f"round_{r}", "model.pt")):
         network.load_state_dict(torch.load(os.path.join(out_dir, "run", f"round_{r}", "model.pt"), weights_only=True))
         rows.append(predict_test(network, data_root, split["tests"], image_size))
+        if flip_average:
+            flipped.append(predict_test(network, data_root, split["tests"], image_size, flip_average=True))
         r += 1
-    return rows
+    return rows, flipped
 
 
 def set_value(text: str):
@@ -449,9 +462,12 @@ def main(argv=None) -> None:
                 out_dir = os.path.join(out_root, dataset, f"seed{seed}", variant)
                 overrides = {"seed": seed, **extra, **({"refine": False} if variant == "no_knn" else {})}
                 summary = run_medsmile(args.profile, out_dir, args.data_root, split, overrides)
+                flips = cfg.get("flip_average_predictions", False)
+                test, test_flipped = test_per_round(out_dir, args.data_root, split, cfg["image_size"], flips)
                 run[variant] = {
                     "pool_dice": pool_label_dice(os.path.join(out_dir, "run"), args.data_root),
-                    "test": test_per_round(out_dir, args.data_root, split, cfg["image_size"]),
+                    "test": test,
+                    **({"test_flip_average": test_flipped} if flips else {}),
                     "summary_rounds": summary["rounds"],
                 }
                 if variant == "medsmile":

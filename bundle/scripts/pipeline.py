@@ -70,6 +70,7 @@ def _as_list(value) -> list[str]:
 ADDED_OPTIONS = {
     "augmentation": "flips",
     "bootstrap_targets": 0.0,
+    "flip_average_predictions": False,
     "foreground_contrast": None,
     "head_learning_rate": None,
     "ignore_uncertain_pixels": 0.0,
@@ -82,6 +83,7 @@ UNRECORDED_KEYS = ("device", "num_workers", "overwrite", "model_path", "ground_t
 BOOLEAN_KEYS = (
     "skip_bad_inputs",
     "flip_average",
+    "flip_average_predictions",
     "freeze_backbone",
     "refine",
     "train_on_reference",
@@ -156,6 +158,7 @@ class MedSMILEPipeline:
         ignore_uncertain_pixels: float = 0.0,
         augmentation: str = "flips",
         bootstrap_targets: float = 0.0,
+        flip_average_predictions: bool = False,
         freeze_backbone: bool = True,
         batch_size: int = 4,
         learning_rate: float = 5e-5,
@@ -480,6 +483,7 @@ class MedSMILEPipeline:
             self.knn_k,
             refine=self.refine,
             exact_limit=self.knn_exact_limit,
+            flip_average=self.flip_average_predictions,
             probs=self._store.create(
                 "round_probs", (len(pool), self.num_classes, *(self.image_size,) * 2), torch.float16
             ),

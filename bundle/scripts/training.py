@@ -32,6 +32,7 @@ from monai.utils import set_determinism
 
 from . import distributed
 from .handlers import GradientClipHandler, KNNRefinementHandler, PixelEntropyHandler, RoundPredictions
+from .inferers import FlipAveragingInferer
 from .losses import Mask2FormerSemanticLoss, SemanticDiceCELoss
 from .pool_store import RowItems
 
@@ -226,15 +227,21 @@ def predict_and_refine(
     refine: bool = True,
     exact_limit: int = 50_000,
     probs=None,
+    flip_average: bool = False,
 ) -> RoundPredictions:
     """Predict every pool image with an Ignite evaluator; entropy per image; KNN refinement at the end.
 
-    ``probs``: where the (N, C, S, S) float16 probability maps go (default: a tensor in RAM)."""
+    ``probs``: where the (N, C, S, S) float16 probability maps go (default: a tensor in RAM). ``flip_average``:
+    predict with ``FlipAveragingInferer`` (mean of the four mirrored views) instead of one forward pass."""
     predictions = RoundPredictions.empty(len(images), num_classes, images.shape[-1], probs=probs)
     dataset = Dataset(RowItems(images), transform=Lambdad(keys="image", func=_as_float_image))
     loader = distributed.shard_loader(dataset, batch_size)
     evaluator = SupervisedEvaluator(
-        device=device, val_data_loader=loader, network=network, inferer=SimpleInferer(), decollate=False
+        device=device,
+        val_data_loader=loader,
+        network=network,
+        inferer=FlipAveragingInferer() if flip_average else SimpleInferer(),
+        decollate=False,
     )
     ProgressBar(desc="predict", persist=False).attach(evaluator)
     PixelEntropyHandler(predictions).attach(evaluator)
