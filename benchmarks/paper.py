@@ -408,7 +408,11 @@ def main(argv=None) -> None:
     parser.add_argument("--pool_size", type=int, help="pool images per run, instead of the profile's benchmark value")
     parser.add_argument("--test_size", type=int, help="images per test split, instead of the profile's benchmark value")
     parser.add_argument(
-        "--set", nargs="*", default=[], help="extra overrides key=value (JSON values; other text is taken as a string)"
+        "--set",
+        nargs="*",
+        action="extend",  # --set a=1 --set b=2 keeps both (the default "store" kept only the last)
+        default=[],
+        help="extra overrides key=value (JSON values; other text is taken as a string)",
     )
     args = parser.parse_args(argv)
     stop_runs_on_sigterm()

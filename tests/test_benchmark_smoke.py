@@ -40,15 +40,18 @@ def test_benchmark_smoke_profile_writes_its_table(tiny_encoder, tmp_path, monkey
             "--profile", "smoke", "--dataset", "busi", "--seeds", "0", "--pool_size", "3",
             "--data_root", "data", "--results_dir", str(results),
             "--set", f'encoder_weights="{tiny_encoder}"', "head_learning_rate=null",
+            "--set", "flip_average_predictions=true",  # a second --set adds to the first
         ]
     )  # fmt: skip
-    out = results / f"smoke_pool-3_encoder_weights-{os.path.basename(tiny_encoder)}_head_learning_rate-None"
+    tag = f"encoder_weights-{os.path.basename(tiny_encoder)}_head_learning_rate-None_flip_average_predictions-True"
+    out = results / f"smoke_pool-3_{tag}"
     res = json.loads((out / "busi.json").read_text())
     run = res["runs"][0]
     assert res["pool_size"] == 3 and run["medsmile"]["summary_rounds"][0]["images"] == 3  # not the profile's 4
     assert len(run["medsmile"]["pool_dice"]) == 2 and len(run["no_knn"]["pool_dice"]) == 2  # rounds 0 and 1
     assert all(0.0 <= d <= 1.0 for d in run["medsmile"]["pool_dice"])
     assert set(run["medsmile"]["test"][0]) == {"busi"}
+    assert set(run["medsmile"]["test_flip_average"][0]) == {"busi"}  # scored both ways
     assert 0.0 <= res["supervised"]["test"]["busi"]["dice"] <= 1.0
     table = (out / "results.md").read_text()
     assert "| medsmile pool pseudo-label Dice | pool |" in table and "fully supervised" in table
@@ -56,6 +59,7 @@ def test_benchmark_smoke_profile_writes_its_table(tiny_encoder, tmp_path, monkey
     # null reaches the run (monai.bundle drops "--key None", which used to leave the default 5e-4 in place)
     recorded = json.loads((out / "busi" / "seed0" / "medsmile" / "run" / "run_config.json").read_text())["config"]
     assert recorded["head_learning_rate"] is None
+    assert recorded["flip_average_predictions"] is True
 
 
 def test_an_interrupted_benchmark_keeps_the_seeds_it_finished(tiny_encoder, tmp_path, monkeypatch):
