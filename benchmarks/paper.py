@@ -32,7 +32,7 @@ from scripts.distributed import local_device
 from scripts.encoder import load_dinov2, resolve_encoder
 from scripts.features import dinov2_features
 from scripts.image_io import read_case, read_label
-from scripts.inferers import FlipAveragingInferer
+from scripts.inferers import DEFAULT_FLIPS, FlipAveragingInferer
 from scripts.metrics import segmentation_scores, summarize
 from scripts.network import Mask2FormerDinov2, network_from_file
 from scripts.pool import resize_image, to_uint8
@@ -165,13 +165,12 @@ def pool_label_dice(run_dir: str, data_root: str) -> list[float]:
 
 
 @torch.no_grad()
-def predict_scores(
-    network: torch.nn.Module, data_root: str, cases: list, image_size: int, flip_average: bool = False
-) -> dict:
+def predict_scores(network: torch.nn.Module, data_root: str, cases: list, image_size: int, flips=None) -> dict:
     """mDice / mIoU of a network on (subset, stem) cases: prediction at image_size, upsampled to the native size;
-    ``flip_average``: through FlipAveragingInferer, as inference.json with ``flip_average`` true."""
+    ``flips`` (e.g. DEFAULT_FLIPS): averaged with those mirrored views by FlipAveragingInferer, as inference.json
+    with ``flip_average`` true; None: one view."""
     network.eval()
-    infer = FlipAveragingInferer() if flip_average else SimpleInferer()
+    infer = FlipAveragingInferer(flips) if flips else SimpleInferer()
     scores = []
     for subset, stem in cases:
         _, slices = read_case(image_path(data_root, subset, stem))
@@ -184,12 +183,10 @@ def predict_scores(
     return {"dice": s["mean_dice"], "iou": s["mean_iou"]}
 
 
-def predict_test(
-    network: torch.nn.Module, data_root: str, tests: dict, image_size: int, flip_average: bool = False
-) -> dict:
+def predict_test(network: torch.nn.Module, data_root: str, tests: dict, image_size: int, flips=None) -> dict:
     """predict_scores on each test split."""
     return {
-        subset: predict_scores(network, data_root, [(subset, s) for s in stems], image_size, flip_average)
+        subset: predict_scores(network, data_root, [(subset, s) for s in stems], image_size, flips)
         for subset, stems in tests.items()
     }
 
@@ -239,7 +236,7 @@ def test_per_round(
         network.load_state_dict(torch.load(os.path.join(out_dir, "run", f"round_{r}", "model.pt"), weights_only=True))
         rows.append(predict_test(network, data_root, split["tests"], image_size))
         if flip_average:
-            flipped.append(predict_test(network, data_root, split["tests"], image_size, flip_average=True))
+            flipped.append(predict_test(network, data_root, split["tests"], image_size, DEFAULT_FLIPS))
         r += 1
     return rows, flipped
 
@@ -375,6 +372,7 @@ def dataset_result(runs: list[dict], bench: dict, cfg: dict, dataset: str) -> di
     return {
         "seeds": [run["seed"] for run in runs],
         "pool_size": bench.get("pool_size"),
+        "test_size": bench.get("test_size"),
         "rounds": cfg["num_rounds"],
         "test_subsets": list(DATASETS[dataset]["test"]),
         "runs": runs,

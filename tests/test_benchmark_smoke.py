@@ -60,6 +60,18 @@ def test_benchmark_smoke_profile_writes_its_table(tiny_encoder, tmp_path, monkey
     recorded = json.loads((out / "busi" / "seed0" / "medsmile" / "run" / "run_config.json").read_text())["config"]
     assert recorded["head_learning_rate"] is None
     assert recorded["flip_average_predictions"] is True
+    # rescoring the last round's network by inference views reproduces both recorded test scores
+    from benchmarks import flip_inference
+
+    flip_inference.main(
+        ["--runs", str(out), "--dataset", "busi", "--seeds", "0", "--views", "none", "h", "hv", "--data_root", "data"]
+    )
+    rescored = json.loads((out / "flip_inference_busi.json").read_text())
+    assert rescored["test_size"] == 2 and rescored["seeds"]["0"]["round"] == 1
+    views = rescored["seeds"]["0"]["test"]
+    assert views["none"]["busi"]["dice"] == pytest.approx(run["medsmile"]["test"][-1]["busi"]["dice"])
+    assert views["hv"]["busi"]["dice"] == pytest.approx(run["medsmile"]["test_flip_average"][-1]["busi"]["dice"])
+    assert "| busi | " in (out / "flip_inference_busi.md").read_text()
 
 
 def test_an_interrupted_benchmark_keeps_the_seeds_it_finished(tiny_encoder, tmp_path, monkeypatch):
