@@ -82,3 +82,108 @@ def soft_labels(scores: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Bilinear upsampling of cosine maps (B, C, h, w) to ``size`` and softmax over classes -> PL^(0)."""
     up = F.interpolate(scores, size=tuple(size), mode="bilinear", align_corners=False)
     return up.softmax(dim=1)
+
+
+# ---------------------------------------------------------------- linear-probe round 0 (``round0_classifier``)
+ROUND0_CLASSIFIERS = ("prototypes", "linear_probe")
+PROBE_WEIGHT_DECAY = 1e-2  # on the squared weights, with features scaled to components of order 1
+PROBE_POOL_KEEP = 0.5  # fraction of the pool cells a class wins, by logit margin, that refit the probe
+PROBE_CELLS_PER_IMAGE = 256  # pool cells sampled per image for the refit (bounds its memory for any pool size)
+
+
+def reference_cells(features: torch.Tensor, label: torch.Tensor, num_classes: int) -> list[torch.Tensor]:
+    """Per class, the (n_c, D) patch features (D, h, w) whose token cell ``label`` (H, W) assigns to it (nearest
+    resize; a class smaller than one cell keeps the cell holding most of its pixels)."""
+    h, w = features.shape[-2:]
+    grid = F.interpolate(label[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
+    flat = features.reshape(features.shape[0], -1).T
+    cells = []
+    for c in range(num_classes):
+        mask = (grid == c).flatten()
+        if not mask.any():
+            area = F.interpolate((label == c)[None, None].float(), (h, w), mode="area").flatten()
+            mask = area == area.max()
+        cells.append(flat[mask])
+    return cells
+
+
+class LinearProbe(torch.nn.Module):
+    """Class logits of patch features: (B, D, h, w) -> (B, C, h, w), a 1x1 linear map on sqrt(D)-scaled features."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        scaled = features * features.shape[1] ** 0.5
+        return torch.einsum("bdhw,cd->bchw", scaled, self.weight.to(features)) + self.bias.to(features).view(
+            1, -1, 1, 1
+        )
+
+
+def fit_linear_probe(
+    cells: Sequence[torch.Tensor], weight_decay: float = PROBE_WEIGHT_DECAY, max_iter: int = 100
+) -> LinearProbe:
+    """Class-balanced multinomial logistic regression on labelled cells (one (n_c, D) tensor per class), by L-BFGS.
+
+    Why: a mean prototype weighs every feature dimension alike; a linear classifier fitted to the reference's cells
+    learns which dimensions separate its lesion from its background. Each class weighs alike whatever its cell
+    count (a lesion is often a few percent of the image). Under heavy ``weight_decay`` the weights tend to the
+    difference of the balanced class means, i.e. back towards the prototypes.
+    """
+    cells = [c.float().cpu() for c in cells]
+    x = torch.cat(cells) * cells[0].shape[1] ** 0.5
+    y = torch.cat([torch.full((len(c),), i, dtype=torch.long) for i, c in enumerate(cells)])
+    counts = torch.tensor([float(len(c)) for c in cells])
+    class_weight = counts.sum() / (len(cells) * counts.clamp_min(1))
+    weight = torch.zeros(len(cells), x.shape[1], requires_grad=True)
+    bias = torch.zeros(len(cells), requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight.T + bias, y, weight=class_weight) + weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return LinearProbe(weight.detach(), bias.detach())
+
+
+def sample_cells(features: torch.Tensor, count: int | None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B * count, D) random token cells of (B, D, h, w) features, ``count`` per image without replacement; all
+    cells when ``count`` is None or at least h * w."""
+    flat = features.flatten(2).transpose(1, 2)  # (B, h*w, D)
+    if count is None or count >= flat.shape[1]:
+        return flat.reshape(-1, flat.shape[2])
+    picks = torch.stack([torch.randperm(flat.shape[1], generator=generator)[:count] for _ in range(len(flat))])
+    return torch.gather(flat, 1, picks.to(flat.device)[..., None].expand(-1, -1, flat.shape[2])).reshape(
+        -1, flat.shape[2]
+    )
+
+
+def refit_on_pool(
+    probe: LinearProbe,
+    reference: Sequence[torch.Tensor],
+    pool_cells: torch.Tensor,
+    keep: float = PROBE_POOL_KEEP,
+    weight_decay: float = PROBE_WEIGHT_DECAY,
+) -> LinearProbe:
+    """The probe refitted on the reference's cells plus the pool's confident cells: per class, the ``keep``
+    fraction of the pool cells it wins with the largest top-1 minus top-2 logit margin.
+
+    Why: one reference shows each class in one appearance; the pool's confident cells show it in many (lighting,
+    anatomy, scanner), the transductive step the paper's prototypes lack."""
+    pool_cells = pool_cells.float().cpu()
+    logits = probe(pool_cells.T[None, :, :, None])[0, :, :, 0].T  # (M, C)
+    top2 = logits.topk(2, dim=1).values
+    margin, assign = top2[:, 0] - top2[:, 1], logits.argmax(1)
+    cells = []
+    for c, own in enumerate(reference):
+        won, won_margin = pool_cells[assign == c], margin[assign == c]
+        if len(won):
+            won = won[won_margin >= torch.quantile(won_margin, 1 - keep)]
+        cells.append(torch.cat([won, own.float().cpu()]))
+    return fit_linear_probe(cells, weight_decay)
