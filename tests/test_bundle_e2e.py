@@ -397,3 +397,21 @@ def test_a_switch_that_is_not_a_boolean_is_refused(tiny_encoder, png_dataset, tm
     with pytest.raises(Exception) as err:
         run_medsmile(tiny_encoder, tmp_path, **png_dataset["inputs"], refine="maybe")
     assert "refine must be true or false, got 'maybe'" in chain(err.value)
+
+
+def test_linear_probe_round0_is_recorded_and_saved(tiny_encoder, png_dataset, tmp_path):
+    common = {k: png_dataset[k] for k in ("dataset_dir", "reference_image", "reference_label")}
+    run_medsmile(tiny_encoder, tmp_path / "probe", num_rounds=0, round0_classifier="linear_probe", **common)
+    run_dir = tmp_path / "probe" / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["config"]["round0_classifier"] == "linear_probe"
+    state = torch.load(run_dir / "round_0" / "linear_probe.pt", weights_only=True)
+    with open(os.path.join(tiny_encoder, "config.json")) as f:
+        hidden = json.load(f)["hidden_size"]
+    assert state["weight"].shape == (2, 2 * hidden) and state["bias"].shape == (2,)  # 2 feature layers, 2 classes
+    assert len(list((run_dir / "round_0" / "labels").iterdir())) == summary["rounds"][0]["images"]
+    run_medsmile(tiny_encoder, tmp_path / "plain", num_rounds=0, **common)
+    assert not (tmp_path / "plain" / "run" / "round_0" / "linear_probe.pt").exists()
+    with pytest.raises(RuntimeError) as err:
+        run_medsmile(tiny_encoder, tmp_path / "bad", num_rounds=0, round0_classifier="svm", **common)
+    assert "round0_classifier='svm' must be one of ('prototypes', 'linear_probe')" in chain(err.value)

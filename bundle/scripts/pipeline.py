@@ -34,10 +34,17 @@ from .network import Mask2FormerDinov2
 from .pool import ImagePool, pool_sources, resize_image, to_uint8
 from .pool_store import ArrayStore, RowItems
 from .prototypes import (
+    PROBE_CELLS_PER_IMAGE,
+    ROUND0_CLASSIFIERS,
+    LinearProbe,
     check_reference_label,
     class_prototypes,
+    fit_linear_probe,
     foreground_contrast_scores,
     prototype_scores,
+    reference_cells,
+    refit_on_pool,
+    sample_cells,
     soft_labels,
 )
 from .refinement import mark_uncertain_pixels, mean_pixel_entropy, most_certain
@@ -75,6 +82,7 @@ ADDED_OPTIONS = {
     "head_learning_rate": None,
     "ignore_uncertain_pixels": 0.0,
     "reference_repeats": 1,
+    "round0_classifier": "prototypes",
 }
 
 # Settings that change where or how fast a run goes, not what it computes: a run resumes across them.
@@ -150,6 +158,7 @@ class MedSMILEPipeline:
         feature_layers: list[int] | tuple[int, ...] = (-5, -3, -1),
         flip_average: bool = True,
         foreground_contrast: float | None = None,
+        round0_classifier: str = "prototypes",
         image_size: int = 224,
         num_rounds: int = 3,
         epochs: int = 10,
@@ -199,6 +208,8 @@ class MedSMILEPipeline:
         for name, size in (("image_size", image_size), ("feature_image_size", feature_image_size)):
             if size % 14:
                 raise ValueError(f"{name}={size} must be a multiple of the DINOv2 patch size 14")
+        if round0_classifier not in ROUND0_CLASSIFIERS:
+            raise ValueError(f"round0_classifier={round0_classifier!r} must be one of {ROUND0_CLASSIFIERS}")
         if augmentation not in AUGMENTATIONS:
             raise ValueError(f"augmentation={augmentation!r} must be one of {AUGMENTATIONS}")
         if not 0 < train_fraction <= 1:
@@ -321,11 +332,7 @@ class MedSMILEPipeline:
             feats = np.load(os.path.join(r0_dir, "global_features.npy"))
             return self._read_labels(0, pool), feats, read_round_uncertainty(self.output_dir, 0, len(pool))
         t0 = time.time()
-        ref_feats = []
-        for image, _, _ in refs:
-            patch, _ = self._features(encoder, resize_image(image, self.feature_image_size)[None])
-            ref_feats.append(patch[0].cpu())
-        prototypes = class_prototypes(ref_feats, [label for _, label, _ in refs], self.num_classes)
+        classifier = self._round0_classifier(encoder, refs, pool)
         n, size, grid = len(pool), self.image_size, self.feature_image_size // encoder.config.patch_size
         scores = self._store.create("round0_scores", (n, self.num_classes, grid, grid), torch.float32)
         labels = self._store.create("labels_0", (n, size, size), torch.uint8)
@@ -335,7 +342,7 @@ class MedSMILEPipeline:
         done = 0
         for batch in distributed.shard_loader(RowItems(pool.feature_images), self.batch_size):  # this rank's share
             patch, glob = self._features(encoder, batch["image"].float().div(255))
-            batch_scores = prototype_scores(patch, prototypes.to(self.device))
+            batch_scores = classifier(patch)
             batch_scores = foreground_contrast_scores(batch_scores, self.foreground_contrast)
             index, batch_scores, glob = distributed.gather(batch["index"].to(self.device), batch_scores, glob)
             index, batch_scores = index.cpu(), batch_scores.cpu()
@@ -353,6 +360,8 @@ class MedSMILEPipeline:
         if not distributed.is_main():
             return self._store.sync(labels), feats, uncertainty
         partial = begin_round(self.output_dir, 0)
+        if isinstance(classifier, LinearProbe):  # what made the labels, for the record and for scoring new images
+            torch.save(classifier.cpu().state_dict(), os.path.join(partial, "linear_probe.pt"))
         files = write_round_labels(
             pool, os.path.join(partial, "labels"), lambda i, size: soft_labels(scores[i : i + 1], size)[0]
         )
@@ -370,6 +379,32 @@ class MedSMILEPipeline:
         finish_round(self.output_dir, 0, partial, record)
         self._record_round(record)
         return self._store.sync(labels), feats, uncertainty
+
+    def _round0_classifier(self, encoder, refs, pool: ImagePool):
+        """(B, D, h, w) patch features -> (B, C, h, w) round-0 class scores, from the reference(s).
+
+        "prototypes" (the paper): cosine to each class's mean feature. "linear_probe": a class-balanced logistic
+        regression on the references' cells, refitted once on them plus the pool's confident cells (one extra pass of
+        the encoder over the pool, ``PROBE_CELLS_PER_IMAGE`` cells sampled per image); measured in docs/README.md."""
+        ref_feats = []
+        for image, _, _ in refs:
+            patch, _ = self._features(encoder, resize_image(image, self.feature_image_size)[None])
+            ref_feats.append(patch[0].cpu())
+        labels = [label for _, label, _ in refs]
+        if self.round0_classifier == "prototypes":
+            prototypes = class_prototypes(ref_feats, labels, self.num_classes).to(self.device)
+            return lambda patch: prototype_scores(patch, prototypes)
+        per_ref = [reference_cells(f, label, self.num_classes) for f, label in zip(ref_feats, labels, strict=True)]
+        cells = [torch.cat(parts) for parts in zip(*per_ref, strict=True)]
+        probe = fit_linear_probe(cells)
+        sampled = []
+        for batch in distributed.shard_loader(RowItems(pool.feature_images), self.batch_size):
+            patch, _ = self._features(encoder, batch["image"].float().div(255))
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(batch["index"][0]))
+            (batch_cells,) = distributed.gather(sample_cells(patch, PROBE_CELLS_PER_IMAGE, generator))
+            sampled.append(batch_cells.cpu())
+        logger.info("round 0: linear probe refitted on %d sampled pool cells", sum(len(c) for c in sampled))
+        return refit_on_pool(probe, cells, torch.cat(sampled)).to(self.device)
 
     def _read_labels(self, r: int, pool: ImagePool):
         """A finished round's training labels at the training size, read back from its files by rank 0 and shared."""
