@@ -36,7 +36,13 @@ from scripts.inferers import DEFAULT_FLIPS, FlipAveragingInferer
 from scripts.metrics import segmentation_scores, summarize
 from scripts.network import Mask2FormerDinov2, network_from_file
 from scripts.pool import resize_image, to_uint8
-from scripts.prototypes import class_prototypes, foreground_contrast_scores, prototype_scores, soft_labels
+from scripts.prototypes import (
+    LinearProbe,
+    class_prototypes,
+    foreground_contrast_scores,
+    prototype_scores,
+    soft_labels,
+)
 from scripts.training import round_epochs, train_round
 
 DATASETS = {
@@ -200,8 +206,9 @@ def unrefined_pool_dice(out_dir: str, data_root: str, split: dict, image_size: i
 
 
 @torch.no_grad()
-def round0_test(cfg: dict, data_root: str, split: dict) -> dict:
-    """Round 0 applied to the test images (prototypes of the reference, no training), with the run's features."""
+def round0_test(cfg: dict, data_root: str, split: dict, run_dir: str | None = None) -> dict:
+    """Round 0 applied to the test images (no training), with the run's features: the reference's prototypes, or
+    with ``round0_classifier`` "linear_probe" the probe the run fitted (``run_dir``/round_0/linear_probe.pt)."""
     encoder_weights, feature_size = cfg["encoder_weights"], cfg["feature_image_size"]
     options = {"layers": cfg["feature_layers"], "flip_average": cfg["flip_average"]}
     encoder = load_dinov2(resolve_encoder(encoder_weights)).eval()
@@ -210,13 +217,17 @@ def round0_test(cfg: dict, data_root: str, split: dict) -> dict:
     ref_label = torch.as_tensor(read_label(mask_path(data_root, subset, stem))).long()
     patch, _ = dinov2_features(encoder, resize_image(ref[0], feature_size)[None], **options)
     protos = class_prototypes([patch[0]], [ref_label], 2)
+    classifier = lambda feats: prototype_scores(feats, protos)
+    if cfg.get("round0_classifier", "prototypes") == "linear_probe":
+        state = torch.load(os.path.join(run_dir, "round_0", "linear_probe.pt"), weights_only=True)
+        classifier = LinearProbe(state["weight"], state["bias"])
     result = {}
     for test_subset, stems in split["tests"].items():
         scores = []
         for test_stem in stems:
             _, slices = read_case(image_path(data_root, test_subset, test_stem))
             feats, _ = dinov2_features(encoder, resize_image(slices[0], feature_size)[None], **options)
-            cosine = foreground_contrast_scores(prototype_scores(feats, protos), cfg.get("foreground_contrast"))
+            cosine = foreground_contrast_scores(classifier(feats), cfg.get("foreground_contrast"))
             pred = soft_labels(cosine, slices[0].shape[1:]).argmax(1)[0]
             truth = read_label(mask_path(data_root, test_subset, test_stem))
             scores.append(segmentation_scores(pred.numpy(), truth, 2))
@@ -445,7 +456,9 @@ def main(argv=None) -> None:
                     extra,
                 )
             run = {"seed": seed, "reference": "/".join(split["reference"]), "reference_choice": args.reference}
-            run["round0_test"] = round0_test(cfg, args.data_root, split)
+            medsmile_dir = os.path.join(out_root, dataset, f"seed{seed}", "medsmile")
+            if cfg.get("round0_classifier", "prototypes") == "prototypes":
+                run["round0_test"] = round0_test(cfg, args.data_root, split)
             for variant in ("medsmile", "no_knn"):
                 if variant not in args.variants:
                     continue
@@ -453,7 +466,6 @@ def main(argv=None) -> None:
                     run[variant] = {**run["medsmile"], "derived_from_medsmile": "refine off"}  # the same run
                     continue
                 if variant == "no_knn" and cfg["num_rounds"] == 1 and "medsmile" in run:
-                    medsmile_dir = os.path.join(out_root, dataset, f"seed{seed}", "medsmile")
                     unrefined = unrefined_pool_dice(medsmile_dir, args.data_root, split, cfg["image_size"])
                     run[variant] = {
                         "pool_dice": [run["medsmile"]["pool_dice"][0], unrefined],
@@ -474,6 +486,8 @@ def main(argv=None) -> None:
                 }
                 if variant == "medsmile":
                     timings.append(summary)
+            if "round0_test" not in run:  # a fitted round-0 classifier: the one the medsmile run saved
+                run["round0_test"] = round0_test(cfg, args.data_root, split, os.path.join(medsmile_dir, "run"))
             runs.append(run)
             print(json.dumps(run, default=str)[:2000], flush=True)
             if len(runs) < len(args.seeds):  # an interrupted benchmark keeps the seeds it finished

@@ -23,7 +23,17 @@ from scripts.encoder import load_dinov2, resolve_encoder
 from scripts.image_io import read_case, read_label
 from scripts.metrics import segmentation_scores, summarize
 from scripts.pool import resize_image
-from scripts.prototypes import class_prototypes, foreground_contrast_scores, prototype_scores, soft_labels
+from scripts.prototypes import (
+    PROBE_CELLS_PER_IMAGE,
+    class_prototypes,
+    fit_linear_probe,
+    foreground_contrast_scores,
+    prototype_scores,
+    reference_cells,
+    refit_on_pool,
+    sample_cells,
+    soft_labels,
+)
 
 LAYERS = (8, 10, 12)  # hidden_states indices (12 = last layer of ViT-S)
 
@@ -142,23 +152,18 @@ VARIANTS = {
     "+ layers + flip, foreground contrast k=0.5 (benchmarked over 3 rounds)": {**BUNDLE_FEATURES, "contrast": 0.5},
     "+ layers + flip, foreground contrast k=0.75": {**BUNDLE_FEATURES, "contrast": 0.75},
     "+ layers + flip, foreground contrast k=1": {**BUNDLE_FEATURES, "contrast": 1.0},
+    "+ layers + flip, linear probe (weight decay 1e-4)": {**BUNDLE_FEATURES, "probe": 1e-4},
+    "+ layers + flip, linear probe (weight decay 1e-3)": {**BUNDLE_FEATURES, "probe": 1e-3},
+    "+ layers + flip, linear probe (weight decay 1e-2)": {**BUNDLE_FEATURES, "probe": 1e-2},
+    "+ layers + flip, linear probe (weight decay 1e-1)": {**BUNDLE_FEATURES, "probe": 1e-1},
+    "+ layers + flip, linear probe (weight decay 1)": {**BUNDLE_FEATURES, "probe": 1.0},
+    "+ layers + flip, linear probe (1e-2) + 1 pool refit": {**BUNDLE_FEATURES, "probe": 0.01, "probe_em": 1},
+    "+ layers + flip, linear probe (1e-2) + 2 pool refits": {**BUNDLE_FEATURES, "probe": 0.01, "probe_em": 2},
+    "+ layers + flip, linear probe (1e-2) + 3 pool refits": {**BUNDLE_FEATURES, "probe": 0.01, "probe_em": 3},
+    "+ layers + flip, linear probe (1e-1) + 1 pool refit": {**BUNDLE_FEATURES, "probe": 0.1, "probe_em": 1},
+    "+ layers + flip, linear probe (1e-1) + 2 pool refits": {**BUNDLE_FEATURES, "probe": 0.1, "probe_em": 2},
+    "+ layers + flip, linear probe (1e-1) + 3 pool refits": {**BUNDLE_FEATURES, "probe": 0.1, "probe_em": 3},
 }
-
-
-def reference_cells(features: torch.Tensor, label: torch.Tensor, num_classes: int) -> list[torch.Tensor]:
-    """Per class, the (n_c, D) reference patch features whose token cell the label assigns to it (nearest resize;
-    a class smaller than a cell keeps the cell holding most of its pixels)."""
-    h, w = features.shape[-2:]
-    grid = F.interpolate(label[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
-    flat = features.reshape(features.shape[0], -1).T
-    cells = []
-    for c in range(num_classes):
-        mask = (grid == c).flatten()
-        if not mask.any():
-            area = F.interpolate((label == c)[None, None].float(), (h, w), mode="area").flatten()
-            mask = area == area.max()
-        cells.append(flat[mask])
-    return cells
 
 
 def nearest_patch_scores(features: torch.Tensor, cells: list[torch.Tensor], k: int) -> torch.Tensor:
@@ -261,7 +266,7 @@ def evaluate(feats: dict, split: dict, data_root: str, variant: dict) -> dict:
         shift = reference_class_means(select(feats[refs[0]], variant["layers"], variant["flip"]), ref_label, protos)
     shift[1] += variant.get("offset", 0.0)  # the foreground score must beat the background's by this margin
     ref_cells = None
-    if variant.get("knn") or variant.get("clusters") or variant.get("em"):
+    if variant.get("knn") or variant.get("clusters") or variant.get("em") or variant.get("probe"):
         parts = [
             reference_cells(
                 select(feats[ref], variant["layers"], variant["flip"]),
@@ -275,11 +280,23 @@ def evaluate(feats: dict, split: dict, data_root: str, variant: dict) -> dict:
     if variant.get("em"):
         pool = [select(feats[item], variant["layers"], variant["flip"]) for item in split["pool"]]
         protos = pool_em_prototypes(pool, protos, ref_cells, variant["em"])
+    probe = None
+    if variant.get("probe"):  # the bundle's round0_classifier "linear_probe" with this weight decay and refits
+        probe = fit_linear_probe(ref_cells, variant["probe"])
+        generator = torch.Generator().manual_seed(0)
+        pool = [
+            sample_cells(select(feats[i], variant["layers"], variant["flip"])[None], PROBE_CELLS_PER_IMAGE, generator)
+            for i in split["pool"]
+        ]
+        for _ in range(variant.get("probe_em", 0)):
+            probe = refit_on_pool(probe, ref_cells, torch.cat(pool), weight_decay=variant["probe"])
     scores, fg_prec, fg_rec = [], [], []
     for item in split["pool"]:
         f = select(feats[item], variant["layers"], variant["flip"])[None]
         if variant.get("knn"):
             s = nearest_patch_scores(f, ref_cells, variant["knn"])
+        elif probe is not None:
+            s = probe(f)
         elif multi is not None:  # a class scores by its best-matching prototype
             s = torch.stack([prototype_scores(f, p).amax(1) for p in multi], 1)
         else:

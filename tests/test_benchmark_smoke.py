@@ -193,3 +193,28 @@ def test_table_of_a_ceiling_only_invocation():
     assert "Wall time" not in table and "Labelled reference (random): seed 0: busi/case0." in table
     res["runs"][0]["medsmile"] = {"test": [{"busi": {"dice": 0.4}}], "pool_dice": [0.3, 0.35]}
     assert "recovery of final one-label Dice: 0.800 |" in paper.markdown({"busi": res}, "smoke", "cmd")
+
+
+def test_round0_test_scores_with_the_probe_the_run_saved(tiny_encoder, tmp_path):
+    import torch
+
+    from scripts.image_io import read_label
+    from scripts.metrics import segmentation_scores, summarize
+
+    data_root = fake_data_root(tmp_path / "data")
+    split = paper.choose_split(str(data_root), "busi", 0, None, None)
+    cfg = {
+        "encoder_weights": tiny_encoder,
+        "feature_image_size": 56,
+        "feature_layers": [-1],
+        "flip_average": False,
+        "round0_classifier": "linear_probe",
+    }
+    truths = [read_label(paper.mask_path(str(data_root), "busi", stem)) for stem in split["tests"]["busi"]]
+    expected = summarize([segmentation_scores(np.ones_like(t), t, 2) for t in truths], 2)["mean_dice"]
+    (tmp_path / "run" / "round_0").mkdir(parents=True)
+    for bias, dice in (([0.0, 50.0], expected), ([50.0, 0.0], 0.0)):  # a probe that calls every pixel lesion / none
+        state = {"weight": torch.zeros(2, 32), "bias": torch.tensor(bias)}
+        torch.save(state, tmp_path / "run" / "round_0" / "linear_probe.pt")
+        result = paper.round0_test(cfg, str(data_root), split, str(tmp_path / "run"))
+        assert result["busi"]["dice"] == pytest.approx(dice)
