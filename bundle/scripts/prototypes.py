@@ -86,7 +86,7 @@ def soft_labels(scores: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 # ---------------------------------------------------------------- linear-probe round 0 (``round0_classifier``)
 ROUND0_CLASSIFIERS = ("prototypes", "linear_probe")
-PROBE_WEIGHT_DECAY = 1e-2  # on the squared weights, with features scaled to components of order 1
+PROBE_WEIGHT_DECAY = 0.1  # on the squared weights (features scaled to components of order 1); chosen among 1e-4..1
 PROBE_POOL_KEEP = 0.5  # fraction of the pool cells a class wins, by logit margin, that refit the probe
 PROBE_CELLS_PER_IMAGE = 256  # pool cells sampled per image for the refit (bounds its memory for any pool size)
 
