@@ -19,6 +19,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 from conftest import BUNDLE_ROOT, TINY_OVERRIDES
 from PIL import Image
 from test_bundle_e2e import run_medsmile
@@ -157,6 +158,36 @@ def test_two_processes_match_one_and_only_rank_0_writes(tiny_encoder, png_datase
         u1, u2 = uncertainties(one / "run", r), uncertainties(two / "run", r)
         assert u1.keys() == u2.keys()
         assert max(abs(u1[k] - u2[k]) for k in u1) < 0.01
+
+
+def test_linear_probe_round0_is_the_same_on_two_processes(tiny_encoder, png_dataset, tmp_path):
+    """The probe's pool cells are drawn per image and ordered by image, so the sharding (and the padding repeat of
+    an odd pool on 2 ranks) changes neither the refitted probe nor round 0's labels."""
+    common = {
+        **png_dataset["inputs"],
+        "export_torchscript": False,
+        "num_rounds": 0,
+        "round0_classifier": "linear_probe",
+    }
+    (tmp_path / "images" / "img_5.png").unlink()  # 5 images: rank 1's share repeats image 0
+    one = tmp_path / "one"
+    run_medsmile(tiny_encoder, one, **common)
+    two = tmp_path / "two"
+    args = {
+        **TINY_OVERRIDES,
+        **common,
+        "encoder_weights": tiny_encoder,
+        "output_dir": str(two / "run"),
+        "model_path": str(two / "models" / "model.pt"),
+    }
+    proc = torchrun(args, 2, {**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    probes = [torch.load(d / "run" / "round_0" / "linear_probe.pt", weights_only=True) for d in (one, two)]
+    for key in ("weight", "bias"):
+        torch.testing.assert_close(probes[1][key], probes[0][key], rtol=0, atol=1e-6)
+    assert len(list((one / "run" / "round_0" / "labels").iterdir())) == 5
+    for path in sorted((one / "run" / "round_0" / "labels").iterdir()):
+        assert path.read_bytes() == (two / "run" / "round_0" / "labels" / path.name).read_bytes(), path.name
 
 
 def test_torchrun_without_the_multi_gpu_override_is_refused(monkeypatch, tmp_path):

@@ -397,14 +397,21 @@ class MedSMILEPipeline:
         per_ref = [reference_cells(f, label, self.num_classes) for f, label in zip(ref_feats, labels, strict=True)]
         cells = [torch.cat(parts) for parts in zip(*per_ref, strict=True)]
         probe = fit_linear_probe(cells)
-        sampled = []
-        for batch in distributed.shard_loader(RowItems(pool.feature_images), self.batch_size):
+        sampled = {}  # image index -> its (count, D) cells, drawn by a generator seeded per image: the same cells
+        for batch in distributed.shard_loader(RowItems(pool.feature_images), self.batch_size):  # on any world size
             patch, _ = self._features(encoder, batch["image"].float().div(255))
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(batch["index"][0]))
-            (batch_cells,) = distributed.gather(sample_cells(patch, PROBE_CELLS_PER_IMAGE, generator))
-            sampled.append(batch_cells.cpu())
-        logger.info("round 0: linear probe refitted on %d sampled pool cells", sum(len(c) for c in sampled))
-        return refit_on_pool(probe, cells, torch.cat(sampled)).to(self.device)
+            index = batch["index"].to(patch.device)
+            per_image = torch.stack(
+                [
+                    sample_cells(patch[k : k + 1], PROBE_CELLS_PER_IMAGE, torch.Generator().manual_seed(int(i)))
+                    for k, i in enumerate(index + self.seed * 1_000_003)
+                ]
+            )
+            batch_cells, batch_index = distributed.gather(per_image, index)
+            sampled.update(zip(batch_index.tolist(), batch_cells.cpu()))  # a rank's padding repeat overwrites its twin
+        pool_cells = torch.cat([sampled[i] for i in sorted(sampled)])
+        logger.info("round 0: linear probe refitted on %d sampled pool cells", len(pool_cells))
+        return refit_on_pool(probe, cells, pool_cells).to(self.device)
 
     def _read_labels(self, r: int, pool: ImagePool):
         """A finished round's training labels at the training size, read back from its files by rank 0 and shared."""
