@@ -210,8 +210,11 @@ def test_run_recorded_before_an_option_existed_still_resumes(tiny_encoder, png_d
     # as written before reference_repeats existed: the default 1 is what such a run did, so nothing is recomputed
     old = {k: v for k, v in record["config"].items() if k != "reference_repeats"}
     record_file.write_text(json.dumps({"fingerprint": "older", "config": old}))
+    first_wall_time = json.loads((tmp_path / "run" / "summary.json").read_text())["wall_time_s"]
     run_medsmile(tiny_encoder, tmp_path, num_rounds=1, **common)
     assert (label_file.read_bytes(), os.stat(label_file).st_mtime_ns) == before
+    # the resumed run's wall time adds to the first one's, which did the work
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["wall_time_s"] > first_wall_time
     # as written before head_learning_rate existed (the head trained at learning_rate): the default 5e-4 is a change
     old = {k: v for k, v in record["config"].items() if k != "head_learning_rate"}
     record_file.write_text(json.dumps({"fingerprint": "older", "config": old}))

@@ -687,7 +687,8 @@ class MedSMILEPipeline:
             return self.summary
         if self.num_rounds > 0:
             self._export_model(encoder_source)
-        self.summary["wall_time_s"] = time.time() - t0
+        # summed over the invocations that finished: a resumed run keeps the time of the work it reused
+        self.summary["wall_time_s"] = self.summary.get("wall_time_s", 0.0) + time.time() - t0
         _atomic_json(summary_path, self.summary)
         logger.info("review list and report: %s", write_report(self.output_dir, self.ground_truth_dir))
         logger.info("MedSMILE finished in %.1f s; summary: %s", time.time() - t0, summary_path)
