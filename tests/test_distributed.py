@@ -80,6 +80,17 @@ if "RANK" in os.environ:
 '''
 
 
+def medsmile_args(tiny_encoder: str, out, overrides: dict) -> dict:
+    """The tiny pipeline's arguments writing under ``out``, as run_medsmile passes them in-process."""
+    return {
+        **TINY_OVERRIDES,
+        **overrides,
+        "encoder_weights": tiny_encoder,
+        "output_dir": str(out / "run"),
+        "model_path": str(out / "models" / "model.pt"),
+    }
+
+
 def torchrun(args: dict, nproc: int, env: dict) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd += ["-m", "monai.bundle", "run", "--config_file", "['configs/medsmile.json','configs/multi_gpu.json']"]
@@ -113,14 +124,7 @@ def test_two_processes_match_one_and_only_rank_0_writes(tiny_encoder, png_datase
         "AUDIT_LOG_DIR": str(audit),
         "OMP_NUM_THREADS": "1",
     }
-    args = {
-        **TINY_OVERRIDES,
-        **common,
-        "encoder_weights": tiny_encoder,
-        "output_dir": str(two / "run"),
-        "model_path": str(two / "models" / "model.pt"),
-    }
-    proc = torchrun(args, 2, env)
+    proc = torchrun(medsmile_args(tiny_encoder, two, common), 2, env)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     # only rank 0 wrote, and it wrote the whole run (the hook works); rank 1 touched nothing under the run's folders
@@ -173,14 +177,7 @@ def test_linear_probe_round0_is_the_same_on_two_processes(tiny_encoder, png_data
     one = tmp_path / "one"
     run_medsmile(tiny_encoder, one, **common)
     two = tmp_path / "two"
-    args = {
-        **TINY_OVERRIDES,
-        **common,
-        "encoder_weights": tiny_encoder,
-        "output_dir": str(two / "run"),
-        "model_path": str(two / "models" / "model.pt"),
-    }
-    proc = torchrun(args, 2, {**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = torchrun(medsmile_args(tiny_encoder, two, common), 2, {**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     probes = [torch.load(d / "run" / "round_0" / "linear_probe.pt", weights_only=True) for d in (one, two)]
     for key in ("weight", "bias"):

@@ -397,14 +397,15 @@ class MedSMILEPipeline:
         per_ref = [reference_cells(f, label, self.num_classes) for f, label in zip(ref_feats, labels, strict=True)]
         cells = [torch.cat(parts) for parts in zip(*per_ref, strict=True)]
         probe = fit_linear_probe(cells)
-        sampled = {}  # image index -> its (count, D) cells, drawn by a generator seeded per image: the same cells
-        for batch in distributed.shard_loader(RowItems(pool.feature_images), self.batch_size):  # on any world size
+        sampled = {}  # image index -> its cells; seeded per image, so any world size draws the same cells
+        for batch in distributed.shard_loader(RowItems(pool.feature_images), self.batch_size):
             patch, _ = self._features(encoder, batch["image"].float().div(255))
             index = batch["index"].to(patch.device)
+            seeds = (index + self.seed * 1_000_003).tolist()
             per_image = torch.stack(
                 [
-                    sample_cells(patch[k : k + 1], PROBE_CELLS_PER_IMAGE, torch.Generator().manual_seed(int(i)))
-                    for k, i in enumerate(index + self.seed * 1_000_003)
+                    sample_cells(p[None], PROBE_CELLS_PER_IMAGE, torch.Generator().manual_seed(s))
+                    for p, s in zip(patch, seeds)
                 ]
             )
             batch_cells, batch_index = distributed.gather(per_image, index)
