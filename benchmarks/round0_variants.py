@@ -163,6 +163,30 @@ VARIANTS = {
     "+ layers + flip, linear probe (1e-1) + 1 pool refit": {**BUNDLE_FEATURES, "probe": 0.1, "probe_em": 1},
     "+ layers + flip, linear probe (1e-1) + 2 pool refits": {**BUNDLE_FEATURES, "probe": 0.1, "probe_em": 2},
     "+ layers + flip, linear probe (1e-1) + 3 pool refits": {**BUNDLE_FEATURES, "probe": 0.1, "probe_em": 3},
+    "+ layers + flip, scores propagated in the image (alpha 0.5)": {**BUNDLE_FEATURES, "spectral": ("propagate", 0.5)},
+    "+ layers + flip, scores propagated in the image (alpha 0.9)": {**BUNDLE_FEATURES, "spectral": ("propagate", 0.9)},
+    "+ layers + flip, scores propagated in the image (alpha 0.99)": {
+        **BUNDLE_FEATURES,
+        "spectral": ("propagate", 0.99),
+    },
+    "+ layers + flip, spectral segments vote (4)": {**BUNDLE_FEATURES, "spectral": ("segments", 4)},
+    "+ layers + flip, spectral segments vote (8)": {**BUNDLE_FEATURES, "spectral": ("segments", 8)},
+    "+ layers + flip, spectral segments vote (16)": {**BUNDLE_FEATURES, "spectral": ("segments", 16)},
+    "+ layers + flip, spectral bipartition side": {**BUNDLE_FEATURES, "spectral": ("bipartition", "side")},
+    "+ layers + flip, spectral bipartition and prototypes": {**BUNDLE_FEATURES, "spectral": ("bipartition", "and")},
+    "+ layers + flip, per-image Otsu threshold of the margin": {**BUNDLE_FEATURES, "otsu": True},
+    "+ layers + flip, linear probe (1e-1) + 1 pool refit, contrast k=0.25": {
+        **BUNDLE_FEATURES,
+        "probe": 0.1,
+        "probe_em": 1,
+        "contrast": 0.25,
+    },
+    "+ layers + flip, linear probe (1e-1) + 1 pool refit, contrast k=0.5": {
+        **BUNDLE_FEATURES,
+        "probe": 0.1,
+        "probe_em": 1,
+        "contrast": 0.5,
+    },
 }
 
 
@@ -214,6 +238,72 @@ def pool_em_prototypes(
             new.append(F.normalize(torch.cat([cells, reference[c]]).mean(0), dim=0))
         prototypes = torch.stack(new)
     return prototypes
+
+
+def normalized_affinity(features: torch.Tensor) -> torch.Tensor:
+    """(n, n) D^-1/2 W D^-1/2 of one image's cells, W the non-negative cosine between its patch features."""
+    flat = features.reshape(features.shape[0], -1).T
+    w = (flat @ flat.T).clamp(min=0)
+    w.fill_diagonal_(0)
+    d = w.sum(1).clamp(min=1e-8).rsqrt()
+    return d[:, None] * w * d[None]
+
+
+def spectral_scores(features: torch.Tensor, scores: torch.Tensor, mode: str, param) -> torch.Tensor:
+    """(1, 2, h, w) prototype scores regularised by the image's own feature affinities (binary case).
+
+    Why: the prototype decision is made cell by cell; the image's own cells group into regions (Deep Spectral
+    Methods, Melas-Kyriazi et al. 2022; TokenCut, Wang et al. 2022) whose members should share one label.
+    - ``propagate``: label propagation (Zhou et al. 2004) of the fg - bg margin, (1 - a)(I - a S)^-1 m.
+    - ``segments``: k-means of the leading eigenvectors of S into ``param`` regions; a region is foreground when
+      its mean margin is positive.
+    - ``bipartition``: the Fiedler split; the side of larger mean margin is the object; ``side`` labels it all
+      foreground, ``and`` keeps the prototype decision inside it only.
+    """
+    import faiss
+
+    _, _, h, w = scores.shape
+    margin = (scores[0, 1] - scores[0, 0]).reshape(-1)
+    affinity = normalized_affinity(features[0])
+    n = len(margin)
+    if mode == "propagate":
+        new = (1 - param) * torch.linalg.solve(torch.eye(n) - param * affinity, margin)
+    else:
+        _, vectors = torch.linalg.eigh(affinity.double())
+        vectors = vectors.flip(1).float()  # largest eigenvalues of S = smallest of the normalised Laplacian
+        if mode == "segments":
+            emb = F.normalize(vectors[:, :param], dim=1).numpy()
+            km = faiss.Kmeans(emb.shape[1], param, niter=20, seed=0, min_points_per_centroid=1)
+            km.train(np.ascontiguousarray(emb))
+            assign = torch.from_numpy(km.index.search(np.ascontiguousarray(emb), 1)[1][:, 0])
+            region = torch.stack(
+                [margin[assign == k].mean() if (assign == k).any() else margin.new_tensor(0.0) for k in range(param)]
+            )
+            new = region[assign] + 1e-3 * margin  # region vote, the cell's own margin breaks exact ties
+        else:
+            fiedler = vectors[:, 1]
+            side = fiedler > fiedler.mean()
+            if margin[side].mean() < margin[~side].mean():
+                side = ~side
+            inside = side if param == "side" else side & (margin > 0)
+            new = torch.where(inside, margin.abs() + 1e-3, -(margin.abs() + 1e-3))
+    new = new.reshape(h, w)
+    return torch.stack([-new / 2, new / 2])[None]
+
+
+def otsu_scores(scores: torch.Tensor) -> torch.Tensor:
+    """(1, 2, h, w) scores whose foreground must pass the Otsu threshold of the image's own fg - bg margins (never a
+    lower bar than the plain argmax): a per-image split of a bimodal margin map instead of one global zero."""
+    margin = scores[0, 1] - scores[0, 0]
+    values = np.sort(margin.flatten().numpy())
+    n = len(values)
+    cumsum = np.cumsum(values)
+    k = np.arange(1, n)
+    w0, w1 = k / n, 1 - k / n
+    mu0, mu1 = cumsum[:-1] / k, (cumsum[-1] - cumsum[:-1]) / (n - k)
+    threshold = max(0.0, float(values[np.argmax(w0 * w1 * (mu0 - mu1) ** 2)]))
+    shifted = margin - threshold
+    return torch.stack([-shifted / 2, shifted / 2])[None]
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -303,6 +393,10 @@ def evaluate(feats: dict, split: dict, data_root: str, variant: dict) -> dict:
             s = prototype_scores(f, protos)
         if variant["adapt"]:
             s = refine_with_image_prototypes(f, s, protos, steps=variant["adapt"])
+        if variant.get("otsu"):
+            s = otsu_scores(s)
+        if variant.get("spectral"):
+            s = spectral_scores(f, s, *variant["spectral"])
         s = foreground_contrast_scores(s - shift.view(1, -1, 1, 1), variant.get("contrast"))
         truth = read_label(mask_path(data_root, *item))
         pred = soft_labels(s, truth.shape).argmax(1)[0].numpy()

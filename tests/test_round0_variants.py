@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.round0_variants import fill_holes, largest_component, pool_em_prototypes
+from benchmarks.round0_variants import (
+    fill_holes,
+    largest_component,
+    otsu_scores,
+    pool_em_prototypes,
+    spectral_scores,
+)
 
 
 def test_pool_em_keeps_the_confident_half_of_each_class_and_the_reference_cells():
@@ -42,3 +48,49 @@ def test_fill_holes_fills_only_enclosed_background():
     ring[3:5, 5:7] = 1
     filled = fill_holes(ring)
     assert filled[1, 1] == 1 and filled.sum() == ring.sum() + 1
+
+
+def _two_clusters() -> torch.Tensor:
+    """(1, 2, 2, 4) features: the left half of a 2x4 grid near e1, the right half near e2, weakly linked (cells differ
+    slightly, as real patches do: k-means needs distinct points)."""
+    grid = torch.zeros(2, 2, 4)
+    for row in range(2):
+        for col in range(4):
+            jitter = 0.1 + 0.02 * (row * 4 + col)
+            grid[:, row, col] = torch.tensor([1.0, jitter] if col < 2 else [jitter, 1.0])
+    return torch.nn.functional.normalize(grid, dim=0)[None]
+
+
+def _scores_from_margin(margin: torch.Tensor) -> torch.Tensor:
+    return torch.stack([torch.zeros_like(margin), margin])[None]
+
+
+def test_otsu_raises_the_bar_only_when_the_margins_split_above_zero():
+    # margins -1 (8 cells), 0.1 (4), 0.9 (4): the Otsu split falls below zero, so the argmax stays
+    low = torch.tensor([-1.0] * 8 + [0.1] * 4 + [0.9] * 4).reshape(4, 4)
+    kept = otsu_scores(_scores_from_margin(low)).argmax(1)[0]
+    assert torch.equal(kept, (low > 0).long())
+    # margins -0.1 (4), 0.1 (8), 0.9 (4): between-class variance 0.141 at the split after 0.1 (0.041 after -0.1),
+    # so the threshold is 0.1 and only the 0.9 cells stay foreground
+    high = torch.tensor([-0.1] * 4 + [0.1] * 8 + [0.9] * 4).reshape(4, 4)
+    kept = otsu_scores(_scores_from_margin(high)).argmax(1)[0]
+    assert torch.equal(kept, (high > 0.5).long())
+
+
+def test_propagation_with_alpha_zero_keeps_the_margins():
+    margin = torch.tensor([[0.3, -0.2, 0.1, -0.4], [0.0, 0.5, -0.1, 0.2]])
+    out = spectral_scores(_two_clusters(), _scores_from_margin(margin), "propagate", 0.0)
+    assert torch.allclose(out[0, 1] - out[0, 0], margin, atol=1e-6)
+
+
+def test_spectral_regions_take_the_vote_of_their_cells():
+    # right cluster: margins mostly positive (one negative cell); left cluster: mostly negative (one positive cell)
+    margin = torch.tensor([[-0.5, -0.4, 0.3, -0.1], [0.2, -0.6, 0.4, 0.5]])
+    right = torch.zeros(2, 4, dtype=torch.long)
+    right[:, 2:] = 1
+    for mode, param in (("segments", 2), ("bipartition", "side")):
+        out = spectral_scores(_two_clusters(), _scores_from_margin(margin), mode, param)
+        assert torch.equal(out.argmax(1)[0], right), mode
+    # "and": the object side (right) keeps only its cells the prototypes call foreground
+    out = spectral_scores(_two_clusters(), _scores_from_margin(margin), "bipartition", "and")
+    assert torch.equal(out.argmax(1)[0], right * (margin > 0).long())
