@@ -240,6 +240,11 @@ def pool_em_prototypes(
     return prototypes
 
 
+def margin_scores(margin: torch.Tensor) -> torch.Tensor:
+    """(1, 2, h, w) background/foreground scores whose difference is the (h, w) ``margin``."""
+    return torch.stack([-margin / 2, margin / 2])[None]
+
+
 def normalized_affinity(features: torch.Tensor) -> torch.Tensor:
     """(n, n) D^-1/2 W D^-1/2 of one image's cells, W the non-negative cosine between its patch features."""
     flat = features.reshape(features.shape[0], -1).T
@@ -275,10 +280,9 @@ def spectral_scores(features: torch.Tensor, scores: torch.Tensor, mode: str, par
             emb = F.normalize(vectors[:, :param], dim=1).numpy()
             km = faiss.Kmeans(emb.shape[1], param, niter=20, seed=0, min_points_per_centroid=1)
             km.train(np.ascontiguousarray(emb))
-            assign = torch.from_numpy(km.index.search(np.ascontiguousarray(emb), 1)[1][:, 0])
-            region = torch.stack(
-                [margin[assign == k].mean() if (assign == k).any() else margin.new_tensor(0.0) for k in range(param)]
-            )
+            assign = torch.from_numpy(km.assign(np.ascontiguousarray(emb))[1]).long()
+            sums = torch.zeros(param).index_add_(0, assign, margin)
+            region = sums / torch.bincount(assign, minlength=param).clamp(min=1)  # an empty region scores 0
             new = region[assign] + 1e-3 * margin  # region vote, the cell's own margin breaks exact ties
         else:
             fiedler = vectors[:, 1]
@@ -287,8 +291,7 @@ def spectral_scores(features: torch.Tensor, scores: torch.Tensor, mode: str, par
                 side = ~side
             inside = side if param == "side" else side & (margin > 0)
             new = torch.where(inside, margin.abs() + 1e-3, -(margin.abs() + 1e-3))
-    new = new.reshape(h, w)
-    return torch.stack([-new / 2, new / 2])[None]
+    return margin_scores(new.reshape(h, w))
 
 
 def otsu_scores(scores: torch.Tensor) -> torch.Tensor:
@@ -302,8 +305,7 @@ def otsu_scores(scores: torch.Tensor) -> torch.Tensor:
     w0, w1 = k / n, 1 - k / n
     mu0, mu1 = cumsum[:-1] / k, (cumsum[-1] - cumsum[:-1]) / (n - k)
     threshold = max(0.0, float(values[np.argmax(w0 * w1 * (mu0 - mu1) ** 2)]))
-    shifted = margin - threshold
-    return torch.stack([-shifted / 2, shifted / 2])[None]
+    return margin_scores(margin - threshold)
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
