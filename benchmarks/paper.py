@@ -4,7 +4,9 @@ ceiling with the same network and budget, recovery, and wall time / memory; mean
     python -m benchmarks.paper --profile cpu-quick --dataset polyp --seeds 0 1 2
 
 Profiles are config override files in ``bundle/configs/profiles/`` (merged over medsmile.json the MONAI way); their
-``benchmark`` key holds the pool and test sizes. Results land in ``results/<profile>/`` as JSON and Markdown.
+``benchmark`` key holds the pool and test sizes. Results land in ``results/<profile>/`` as JSON and Markdown. Each
+seed's scores are kept in ``<dataset>/seed<S>/record.json``: seeds run side by side (one ``--seeds S`` process each)
+are gathered by one more invocation over all of them, which reuses the records of the same configuration.
 """
 
 from __future__ import annotations
@@ -391,6 +393,30 @@ def dataset_result(runs: list[dict], bench: dict, cfg: dict, dataset: str) -> di
     }
 
 
+def record_key(cfg: dict, seed: int, split: dict, variants: list[str]) -> dict:
+    """What a seed's scores depend on (besides the code): the merged config, the seed, the images, the variants."""
+    scored = sorted(v for v in variants if v != "supervised")
+    return json.loads(json.dumps({"config": cfg, "seed": seed, "split": split, "variants": scored}, default=str))
+
+
+def read_seed_record(path: str, key: dict) -> dict | None:
+    """``{"run", "summary"}`` saved by an earlier invocation for the same key, else None: a benchmark that gathers
+    seeds run in separate processes (or restarted) does not rescore them."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    return saved if saved.get("key") == key else None
+
+
+def write_seed_record(path: str, key: dict, run: dict, summary: dict | None) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"key": key, "run": run, "summary": summary}, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
 def write_dataset_result(out_root: str, dataset: str, res: dict, tag: str, command: str) -> None:
     """`<dataset>.json` (with the command) and `<dataset>.md`, one pair per dataset so that later invocations leave
     it alone."""
@@ -455,8 +481,17 @@ def main(argv=None) -> None:
                     seed,
                     extra,
                 )
+            seed_dir = os.path.join(out_root, dataset, f"seed{seed}")
+            record_file, key = os.path.join(seed_dir, "record.json"), record_key(cfg, seed, split, args.variants)
+            saved = read_seed_record(record_file, key)
+            if saved is not None:
+                print(f"seed {seed}: scores reused from {record_file}", flush=True)
+                runs.append(saved["run"])
+                timings += [saved["summary"]] if saved["summary"] else []
+                continue
             run = {"seed": seed, "reference": "/".join(split["reference"]), "reference_choice": args.reference}
-            medsmile_dir = os.path.join(out_root, dataset, f"seed{seed}", "medsmile")
+            medsmile_summary = None
+            medsmile_dir = os.path.join(seed_dir, "medsmile")
             if cfg.get("round0_classifier", "prototypes") == "prototypes":
                 run["round0_test"] = round0_test(cfg, args.data_root, split)
             for variant in ("medsmile", "no_knn"):
@@ -486,9 +521,11 @@ def main(argv=None) -> None:
                 }
                 if variant == "medsmile":
                     timings.append(summary)
+                    medsmile_summary = summary
             if "round0_test" not in run:  # a fitted round-0 classifier: the one the medsmile run saved
                 run["round0_test"] = round0_test(cfg, args.data_root, split, os.path.join(medsmile_dir, "run"))
             runs.append(run)
+            write_seed_record(record_file, key, run, medsmile_summary)
             print(json.dumps(run, default=str)[:2000], flush=True)
             if len(runs) < len(args.seeds):  # an interrupted benchmark keeps the seeds it finished
                 partial = {**dataset_result(runs, bench, cfg, dataset), "seeds_planned": args.seeds}

@@ -100,6 +100,28 @@ def test_an_interrupted_benchmark_keeps_the_seeds_it_finished(tiny_encoder, tmp_
     assert "#### busi (seeds [0] of [0, 1], unfinished, pool" in (out / "busi.md").read_text()
     assert not (out / "results.md").exists()  # the invocation's summary only when it completes
 
+    # the restart scores only seed 1: seed 0 comes back from its record, neither rerun nor rescored
+    def only_seed_1(profile, out_dir, data_root, split, overrides):
+        assert overrides["seed"] == 1, "seed 0 was run again"
+        return run_medsmile(profile, out_dir, data_root, split, overrides)
+
+    monkeypatch.setattr(paper, "run_medsmile", only_seed_1)
+    restart = [
+        "--profile", "smoke", "--dataset", "busi", "--seeds", "0", "1", "--variants", "medsmile",
+        "--data_root", str(data_root), "--results_dir", str(results), "--set", f'encoder_weights="{tiny_encoder}"',
+    ]  # fmt: skip
+    paper.main(restart)
+    done = json.loads((out / "busi.json").read_text())
+    assert done["seeds"] == [0, 1] and "seeds_planned" not in done
+    assert done["runs"][0] == res["runs"][0]
+    assert done["timing"]["total_s"] > 0  # seed 0's wall time came back with its scores
+
+    # another configuration is another key: the record is not taken for it
+    record = json.loads((out / "busi" / "seed0" / "record.json").read_text())
+    assert paper.read_seed_record(str(out / "busi" / "seed0" / "record.json"), record["key"])["run"] == res["runs"][0]
+    other = paper.record_key({**record["key"]["config"], "num_rounds": 2}, 0, record["key"]["split"], ["medsmile"])
+    assert paper.read_seed_record(str(out / "busi" / "seed0" / "record.json"), other) is None
+
 
 def test_a_killed_benchmark_stops_the_run_it_waits_for():
     script = (
