@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 
 import numpy as np
 
@@ -113,7 +114,7 @@ def main(argv=None) -> None:
         variants[name] = load_variant(folder, args.dataset)
     rows = variant_rows(variants)
     command = "python -m benchmarks.variants_table " + " ".join(
-        [f"--dataset {args.dataset}"] + [f"--variant '{v}'" for v in args.variant]
+        [f"--dataset {args.dataset}"] + [f"--variant {shlex.quote(v)}" for v in args.variant]
     )
     text = markdown(args.dataset, rows, command)
     os.makedirs(args.out, exist_ok=True)

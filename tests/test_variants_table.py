@@ -4,6 +4,7 @@ first variant, checked by hand."""
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 
@@ -25,7 +26,9 @@ def test_rows_average_shared_seeds_and_name_changed_options(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "polyp.json").write_text(json.dumps(res))
     out = tmp_path / "out"
-    variants_table.main(["--dataset", "polyp", "--variant", f"defaults={tmp_path / 'base'}", "--variant", f"two rounds={tmp_path / 'more'}", "--out", str(out)])  # fmt: skip
+    variants_table.main(["--dataset", "polyp", "--variant", f"defaults={tmp_path / 'base'}", "--variant", f"paper's two rounds={tmp_path / 'more'}", "--out", str(out)])  # fmt: skip
+    recorded = json.loads((out / "polyp.json").read_text())["command"]
+    assert shlex.split(recorded)[-2:] == ["--variant", f"paper's two rounds={tmp_path / 'more'}"]  # pastes into a shell
     rows = json.loads((out / "polyp.json").read_text())["rows"]
     assert rows[0]["options"] == "-" and rows[1]["options"] == "num_rounds=2"  # the seed key is not an option
     assert rows[0]["seeds"] == [0, 1] and rows[1]["seeds"] == [1]  # seed 7 has no baseline to compare with
@@ -34,7 +37,7 @@ def test_rows_average_shared_seeds_and_name_changed_options(tmp_path):
     assert rows[1]["delta_vs_first"] == pytest.approx([0.4 - 0.2])  # seed 1: (0.5 + 0.3) / 2 vs (0.3 + 0.1) / 2
     table = (out / "polyp.md").read_text()
     assert "| defaults | - | 0 1 | 0.250 ± 0.050 | 0.500 ± 0.100 |  | 0.200 ± 0.100 | 0.400 ± 0.200 | +0.000 |" in table
-    assert "| two rounds | num_rounds=2 | 1 | 0.200 | 0.300 | 0.500 | 0.100 | 0.400 | +0.200 | 100 |" in table
+    assert "| paper's two rounds | num_rounds=2 | 1 | 0.200 | 0.300 | 0.500 | 0.100 | 0.400 | +0.200 | 100 |" in table
 
 
 def test_a_missing_result_names_the_folder(tmp_path):
