@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -271,6 +272,19 @@ def test_more_rounds_extend_a_finished_run(tiny_encoder, png_dataset, tmp_path):
         run_medsmile(tiny_encoder, tmp_path, num_rounds=1, **common)
     assert "different configuration (changed: ['num_rounds'])" in chain(err.value)
     assert (tmp_path / "run" / "round_2" / "model.pt").is_file()
+
+
+def test_a_moved_run_folder_resumes_from_its_new_place(tiny_encoder, png_dataset, tmp_path):
+    common = {k: png_dataset[k] for k in ("dataset_dir", "reference_image", "reference_label")}
+    run_medsmile(tiny_encoder, tmp_path / "old", num_rounds=1, **common)
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    label_file = tmp_path / "new" / "run" / "round_1" / "labels" / "img_0.png"
+    before = (label_file.read_bytes(), os.stat(label_file).st_mtime_ns)
+    run_medsmile(tiny_encoder, tmp_path / "new", num_rounds=2, **common)
+    assert (label_file.read_bytes(), os.stat(label_file).st_mtime_ns) == before  # round 1 kept, not retrained
+    summary = json.loads((tmp_path / "new" / "run" / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    assert summary["config"]["output_dir"] == str(tmp_path / "new" / "run")  # recorded where it now lives
 
 
 def test_metadata_verifies_offline():

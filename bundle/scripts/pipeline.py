@@ -85,8 +85,9 @@ ADDED_OPTIONS = {
     "round0_classifier": "prototypes",
 }
 
-# Settings that change where or how fast a run goes, not what it computes: a run resumes across them.
-UNRECORDED_KEYS = ("device", "num_workers", "overwrite", "model_path", "ground_truth_dir", "pool_store")
+# Settings that change where or how fast a run goes, not what it computes: a run resumes across them (a run folder
+# moved to another disk goes on from its new output_dir).
+UNRECORDED_KEYS = ("device", "num_workers", "overwrite", "model_path", "ground_truth_dir", "pool_store", "output_dir")
 
 BOOLEAN_KEYS = (
     "skip_bad_inputs",
