@@ -187,6 +187,12 @@ VARIANTS = {
         "probe_em": 1,
         "contrast": 0.5,
     },
+    "+ layers + flip, linear probe (1e-1) + 1 pool refit, contrast k=1.0": {
+        **BUNDLE_FEATURES,
+        "probe": 0.1,
+        "probe_em": 1,
+        "contrast": 1.0,
+    },
 }
 
 
