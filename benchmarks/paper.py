@@ -30,6 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = os.path.join(REPO, "bundle")
 sys.path.insert(0, BUNDLE)
 
+from scripts.atomic_files import write_json_atomic
 from scripts.distributed import local_device
 from scripts.encoder import load_dinov2, resolve_encoder
 from scripts.features import dinov2_features
@@ -411,10 +412,7 @@ def read_seed_record(path: str, key: dict) -> dict | None:
 
 def write_seed_record(path: str, key: dict, run: dict, summary: dict | None) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"key": key, "run": run, "summary": summary}, f, indent=1, default=str)
-    os.replace(tmp, path)
+    write_json_atomic(path, {"key": key, "run": run, "summary": summary})
 
 
 def write_dataset_result(out_root: str, dataset: str, res: dict, tag: str, command: str) -> None:

@@ -19,7 +19,6 @@ Conventions (the same everywhere in this module):
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import re
@@ -32,6 +31,7 @@ import torch
 from monai.metrics import compute_dice, compute_iou
 from monai.networks.utils import one_hot
 
+from .atomic_files import write_json_atomic
 from .image_io import read_label
 
 logger = logging.getLogger(__name__)
@@ -194,13 +194,6 @@ def _same_shape(pred: np.ndarray, truth: np.ndarray, pred_path: str, truth_path:
     )
 
 
-def _write_json(path: str, data) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
 def _write_per_image(path: str, rows: Sequence[tuple[str, dict]], num_classes: int) -> None:
     classes = range(1, num_classes)
     header = ["image", *(f"dice_c{c}" for c in classes), *(f"iou_c{c}" for c in classes), "mean_dice", "mean_iou"]
@@ -282,7 +275,7 @@ def evaluate_folders(
     )
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
-        _write_json(os.path.join(output_dir, METRICS_FILE), metrics)
+        write_json_atomic(os.path.join(output_dir, METRICS_FILE), metrics)
         _write_per_image(os.path.join(output_dir, PER_IMAGE_FILE), rows, num_classes)
     return metrics
 
@@ -320,5 +313,5 @@ def evaluate_rounds(run_dir: str, truth_dir: str, num_classes: int = 2) -> list[
                 "num_predictions_without_truth": metrics["num_predictions_without_truth"],
             }
         )
-    _write_json(os.path.join(run_dir, LABEL_QUALITY_FILE), quality)
+    write_json_atomic(os.path.join(run_dir, LABEL_QUALITY_FILE), quality)
     return quality

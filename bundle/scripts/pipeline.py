@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from monai.utils import set_determinism
 
 from . import distributed
+from .atomic_files import write_json_atomic
 from .demo_data import make_demo_data
 from .encoder import EncoderSource, load_dinov2, resolve_encoder
 from .encoder_finetune import finetune_encoder
@@ -126,13 +127,6 @@ def as_bool(name: str, value) -> bool:
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
     raise ValueError(f"{name} must be true or false, got {value!r}")
-
-
-def _atomic_json(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 class MedSMILEPipeline:
@@ -287,7 +281,9 @@ class MedSMILEPipeline:
                     os.remove(path)
             self.summary = {}
         fingerprint = self._config_fingerprint()
-        _atomic_json(os.path.join(self.output_dir, "run_config.json"), {"fingerprint": fingerprint, "config": self.cfg})
+        write_json_atomic(
+            os.path.join(self.output_dir, "run_config.json"), {"fingerprint": fingerprint, "config": self.cfg}
+        )
 
     def _resolve_inputs(self) -> None:
         """Fill dataset and reference from the generated demo when the user gave none."""
@@ -593,7 +589,7 @@ class MedSMILEPipeline:
         with open(os.path.join(encoder_source.path, "config.json")) as f:
             encoder_config = json.load(f)
         network_file = os.path.join(os.path.dirname(os.path.abspath(self.model_path)), NETWORK_FILE)
-        _atomic_json(
+        write_json_atomic(
             network_file,
             {"num_classes": self.num_classes, "encoder_config": encoder_config, **self._decoder_kwargs()},
         )
@@ -614,7 +610,7 @@ class MedSMILEPipeline:
         export_dir = os.path.join(self.output_dir, ".export")
         os.makedirs(export_dir, exist_ok=True)
         config_file = os.path.join(export_dir, "inference.json")
-        _atomic_json(config_file, inference)
+        write_json_atomic(config_file, inference)
         ckpt_export(
             net_id="network_def",
             filepath=ts_path + ".tmp",
@@ -636,7 +632,7 @@ class MedSMILEPipeline:
             {k: v for k, v in record.items() if k != "label_files"}
         ]
         rounds.sort(key=lambda x: x["round"])
-        _atomic_json(os.path.join(self.output_dir, "summary.json"), self.summary)
+        write_json_atomic(os.path.join(self.output_dir, "summary.json"), self.summary)
 
     # ------------------------------------------------------------------ entry point
     def run(self) -> dict:
@@ -691,7 +687,7 @@ class MedSMILEPipeline:
             self._export_model(encoder_source)
         # summed over the invocations that finished: a resumed run keeps the time of the work it reused
         self.summary["wall_time_s"] = self.summary.get("wall_time_s", 0.0) + time.time() - t0
-        _atomic_json(summary_path, self.summary)
+        write_json_atomic(summary_path, self.summary)
         logger.info("review list and report: %s", write_report(self.output_dir, self.ground_truth_dir))
         logger.info("MedSMILE finished in %.1f s; summary: %s", time.time() - t0, summary_path)
         return self.summary

@@ -30,7 +30,6 @@ The suggestion cannot know which images contain the structure to segment: a sugg
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import time
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .atomic_files import write_json_atomic
 from .demo_data import make_demo_data
 from .encoder import load_dinov2, resolve_encoder
 from .features import dinov2_features
@@ -323,8 +323,6 @@ def suggest_references(
         "encoder": source.provenance,
         "timings_s": {"load": t_load, "features": t_feat, "total": time.time() - t0},
     }
-    with open(os.path.join(out, SUMMARY_FILE + ".tmp"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
-    os.replace(os.path.join(out, SUMMARY_FILE + ".tmp"), os.path.join(out, SUMMARY_FILE))
+    write_json_atomic(os.path.join(out, SUMMARY_FILE), summary)
     logger.info("suggested references (best first): %s; ranking: %s", ", ".join(captions[:5]), ranking)
     return ranking
