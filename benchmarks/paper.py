@@ -44,6 +44,7 @@ from scripts.prototypes import (
     class_prototypes,
     foreground_contrast_scores,
     prototype_scores,
+    rotated_views,
     soft_labels,
 )
 from scripts.training import round_epochs, train_round
@@ -218,8 +219,11 @@ def round0_test(cfg: dict, data_root: str, split: dict, run_dir: str | None = No
     subset, stem = split["reference"]
     _, ref = read_case(image_path(data_root, subset, stem))
     ref_label = torch.as_tensor(read_label(mask_path(data_root, subset, stem))).long()
-    patch, _ = dinov2_features(encoder, resize_image(ref[0], feature_size)[None], **options)
-    protos = class_prototypes([patch[0]], [ref_label], 2)
+    views = (
+        rotated_views(torch.as_tensor(ref[0]), ref_label) if cfg.get("reference_rotations") else [(ref[0], ref_label)]
+    )
+    patches = [dinov2_features(encoder, resize_image(image, feature_size)[None], **options)[0][0] for image, _ in views]
+    protos = class_prototypes(patches, [label for _, label in views], 2)
     classifier = lambda feats: prototype_scores(feats, protos)
     if cfg.get("round0_classifier", "prototypes") == "linear_probe":
         state = torch.load(os.path.join(run_dir, "round_0", "linear_probe.pt"), weights_only=True)

@@ -70,6 +70,15 @@ def cached_features(encoder, data_root: str, items: list, size: int, cache_dir: 
     return feats
 
 
+@torch.no_grad()
+def rotated_views(encoder, data_root: str, item: tuple, size: int) -> dict:
+    """Features of the reference rotated by 90, 180 and 270 degrees, keyed ("rot", k, item): extra views whose label
+    is the rotated mask, so the lesion's place in the one labelled image stops being a cue for its class."""
+    _, slices = read_case(image_path(data_root, *item))
+    image = torch.as_tensor(slices[0])
+    return {("rot", k, item): layer_features(encoder, image.rot90(k, (-2, -1)), size).float() for k in (1, 2, 3)}
+
+
 def select(feat: torch.Tensor, layers: str, flip: bool) -> torch.Tensor:
     """(D', h, w) features of a variant: last layer or the concatenation of several, with flip averaging or not."""
     f = feat if flip else feat[:1]
@@ -192,6 +201,45 @@ VARIANTS = {
         "probe": 0.1,
         "probe_em": 1,
         "contrast": 1.0,
+    },
+    "+ layers + flip, reference rotated 90/180/270 as extra views": {**BUNDLE_FEATURES, "rotations": (1, 2, 3)},
+    "+ layers + flip, reference rotations, contrast k=0.5": {
+        **BUNDLE_FEATURES,
+        "rotations": (1, 2, 3),
+        "contrast": 0.5,
+    },
+    "+ layers + flip, reference rotations, linear probe (1e-1) + 1 pool refit, contrast k=0.5": {
+        **BUNDLE_FEATURES,
+        "rotations": (1, 2, 3),
+        "probe": 0.1,
+        "probe_em": 1,
+        "contrast": 0.5,
+    },
+    "+ layers + flip, features centred on the pool mean": {**BUNDLE_FEATURES, "centering": "pool"},
+    "+ layers + flip, features centred per token position": {**BUNDLE_FEATURES, "centering": "position"},
+    "+ layers + flip, centred on the pool mean, contrast k=0.5": {
+        **BUNDLE_FEATURES,
+        "centering": "pool",
+        "contrast": 0.5,
+    },
+    "+ layers + flip, centred per token position, contrast k=0.5": {
+        **BUNDLE_FEATURES,
+        "centering": "position",
+        "contrast": 0.5,
+    },
+    "+ layers + flip, centred on the pool mean, linear probe (1e-1) + 1 pool refit, contrast k=0.5": {
+        **BUNDLE_FEATURES,
+        "centering": "pool",
+        "probe": 0.1,
+        "probe_em": 1,
+        "contrast": 0.5,
+    },
+    "+ layers + flip, centred per token position, linear probe (1e-1) + 1 pool refit, contrast k=0.5": {
+        **BUNDLE_FEATURES,
+        "centering": "position",
+        "probe": 0.1,
+        "probe_em": 1,
+        "contrast": 0.5,
     },
 }
 
@@ -351,46 +399,55 @@ def k_shot(split: dict, data_root: str, k: int) -> dict:
     }
 
 
+def pool_centering(pool: list[torch.Tensor], mode: str) -> torch.Tensor:
+    """The pool's mean feature to subtract before re-normalising: (D, 1, 1) over every cell ("pool", the centring of
+    SimpleShot's CL2N), or (D, h, w) per token position ("position": what every image shows at that place, including
+    the position embedding's trace, so a reference's lesion position cannot become a class cue)."""
+    stack = torch.stack(pool)  # (N, D, h, w)
+    return stack.mean((0, 2, 3))[:, None, None] if mode == "pool" else stack.mean(0)
+
+
 def evaluate(feats: dict, split: dict, data_root: str, variant: dict) -> dict:
     refs = split.get("references", [split["reference"]])
-    protos = class_prototypes(
-        [select(feats[ref], variant["layers"], variant["flip"]) for ref in refs],
-        [torch.as_tensor(read_label(mask_path(data_root, *ref))).long() for ref in refs],
-        2,
-    )
+    centre = None
+    if variant.get("centering"):
+        centre = pool_centering(
+            [select(feats[i], variant["layers"], variant["flip"]) for i in split["pool"]], variant["centering"]
+        )
+
+    def feature(item) -> torch.Tensor:
+        f = select(feats[item], variant["layers"], variant["flip"])
+        return f if centre is None else F.normalize(f - centre, dim=0)
+
+    views = [(ref, 0) for ref in refs] + [(ref, k) for ref in refs for k in variant.get("rotations", ())]
+    view_features = [feature(ref if k == 0 else ("rot", k, ref)) for ref, k in views]
+    view_labels = [
+        torch.as_tensor(read_label(mask_path(data_root, *ref))).long().rot90(k, (-2, -1)) for ref, k in views
+    ]
+    protos = class_prototypes(view_features, view_labels, 2)
     shift = torch.zeros(2)
     if variant.get("center"):
         ref_label = torch.as_tensor(read_label(mask_path(data_root, *refs[0]))).long()
-        shift = reference_class_means(select(feats[refs[0]], variant["layers"], variant["flip"]), ref_label, protos)
+        shift = reference_class_means(feature(refs[0]), ref_label, protos)
     shift[1] += variant.get("offset", 0.0)  # the foreground score must beat the background's by this margin
     ref_cells = None
     if variant.get("knn") or variant.get("clusters") or variant.get("em") or variant.get("probe"):
-        parts = [
-            reference_cells(
-                select(feats[ref], variant["layers"], variant["flip"]),
-                torch.as_tensor(read_label(mask_path(data_root, *ref))).long(),
-                2,
-            )
-            for ref in refs
-        ]
+        parts = [reference_cells(f, label, 2) for f, label in zip(view_features, view_labels, strict=True)]
         ref_cells = [torch.cat([p[c] for p in parts]) for c in range(2)]
     multi = clustered_prototypes(ref_cells, variant["clusters"]) if variant.get("clusters") else None
     if variant.get("em"):
-        pool = [select(feats[item], variant["layers"], variant["flip"]) for item in split["pool"]]
+        pool = [feature(item) for item in split["pool"]]
         protos = pool_em_prototypes(pool, protos, ref_cells, variant["em"])
     probe = None
     if variant.get("probe"):  # the bundle's round0_classifier "linear_probe" with this weight decay and refits
         probe = fit_linear_probe(ref_cells, variant["probe"])
         generator = torch.Generator().manual_seed(0)
-        pool = [
-            sample_cells(select(feats[i], variant["layers"], variant["flip"])[None], PROBE_CELLS_PER_IMAGE, generator)
-            for i in split["pool"]
-        ]
+        pool = [sample_cells(feature(i)[None], PROBE_CELLS_PER_IMAGE, generator) for i in split["pool"]]
         for _ in range(variant.get("probe_em", 0)):
             probe = refit_on_pool(probe, ref_cells, torch.cat(pool), weight_decay=variant["probe"])
     scores, fg_prec, fg_rec = [], [], []
     for item in split["pool"]:
-        f = select(feats[item], variant["layers"], variant["flip"])[None]
+        f = feature(item)[None]
         if variant.get("knn"):
             s = nearest_patch_scores(f, ref_cells, variant["knn"])
         elif probe is not None:
@@ -453,6 +510,8 @@ def main(argv=None) -> None:
         feats = cached_features(
             encoder, args.data_root, split["pool"] + [split["reference"]], args.feature_size, "results/round0_cache"
         )
+        if any(v.get("rotations") for v in variants.values()):
+            feats.update(rotated_views(encoder, args.data_root, split["reference"], args.feature_size))
         for name, variant in variants.items():
             shots = variant.get("shots", 1)
             rows[name].append(

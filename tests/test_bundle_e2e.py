@@ -432,3 +432,29 @@ def test_linear_probe_round0_is_recorded_and_saved(tiny_encoder, png_dataset, tm
     with pytest.raises(RuntimeError) as err:
         run_medsmile(tiny_encoder, tmp_path / "bad", num_rounds=0, round0_classifier="svm", **common)
     assert "round0_classifier='svm' must be one of ('prototypes', 'linear_probe')" in chain(err.value)
+
+
+def test_reference_rotations_give_round0_four_views_of_the_reference(tiny_encoder, png_dataset, tmp_path, monkeypatch):
+    import scripts.pipeline
+
+    seen = []
+
+    def recording_prototypes(features, labels, num_classes):
+        seen.append(([f.shape for f in features], [label.clone() for label in labels]))
+        return class_prototypes(features, labels, num_classes)
+
+    class_prototypes = scripts.pipeline.class_prototypes
+    monkeypatch.setattr(scripts.pipeline, "class_prototypes", recording_prototypes)
+    common = {k: png_dataset[k] for k in ("dataset_dir", "reference_image", "reference_label")}
+    run_medsmile(tiny_encoder, tmp_path / "rot", num_rounds=0, reference_rotations=True, **common)
+    shapes, labels = seen[-1]
+    assert len(shapes) == 4 and len(set(shapes)) == 1  # each view resized to the square feature input
+    for k, label in enumerate(labels):
+        assert torch.equal(label, labels[0].rot90(k, (-2, -1)))
+    summary = json.loads((tmp_path / "rot" / "run" / "summary.json").read_text())
+    assert summary["config"]["reference_rotations"] is True
+    run_medsmile(tiny_encoder, tmp_path / "plain", num_rounds=0, **common)
+    assert len(seen[-1][0]) == 1
+    with pytest.raises(Exception) as err:
+        run_medsmile(tiny_encoder, tmp_path / "rot", num_rounds=0, **common)  # the same folder, option switched off
+    assert "different configuration (changed: ['reference_rotations'])" in chain(err.value)

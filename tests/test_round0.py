@@ -11,6 +11,7 @@ from scripts.prototypes import (
     class_prototypes,
     foreground_contrast_scores,
     prototype_scores,
+    rotated_views,
     soft_labels,
 )
 
@@ -122,3 +123,17 @@ def test_flip_averaged_multi_layer_features_match_hand_computation(tiny_encoder)
     torch.testing.assert_close(glob, F.normalize(out.last_hidden_state[:, 0], dim=1), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match=r"feature layers \[-5\] must be hidden-state indices in -3..2"):
         dinov2_features(encoder, x, layers=(-5,))
+
+
+def test_rotated_views_turn_image_and_label_together():
+    # 2x3 image whose channel 0 numbers the pixels 0..5 row by row; the label marks the top-right pixel (value 2)
+    image = torch.arange(6.0).reshape(1, 2, 3).repeat(3, 1, 1)
+    label = torch.tensor([[0, 0, 1], [0, 0, 0]])
+    views = rotated_views(image, label)
+    assert [tuple(v[1].shape) for v in views] == [(2, 3), (3, 2), (2, 3), (3, 2)]
+    # 90 degrees counter-clockwise: the top-right corner moves to the top-left; 180: bottom-left; 270: bottom-right
+    assert [torch.nonzero(v[1]).tolist() for v in views] == [[[0, 2]], [[0, 0]], [[1, 0]], [[2, 1]]]
+    assert views[1][0][0].tolist() == [[2.0, 5.0], [1.0, 4.0], [0.0, 3.0]]
+    for view_image, view_label in views:  # the labelled pixel still shows the same image value in every view
+        assert view_image[:, view_label == 1].flatten().tolist() == [2.0, 2.0, 2.0]
+    assert torch.equal(views[0][0], image) and torch.equal(views[0][1], label)

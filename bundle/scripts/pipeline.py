@@ -45,6 +45,7 @@ from .prototypes import (
     prototype_scores,
     reference_cells,
     refit_on_pool,
+    rotated_views,
     sample_cells,
     soft_labels,
 )
@@ -83,6 +84,7 @@ ADDED_OPTIONS = {
     "head_learning_rate": None,
     "ignore_uncertain_pixels": 0.0,
     "reference_repeats": 1,
+    "reference_rotations": False,
     "round0_classifier": "prototypes",
 }
 
@@ -93,6 +95,7 @@ UNRECORDED_KEYS = ("device", "num_workers", "overwrite", "model_path", "ground_t
 BOOLEAN_KEYS = (
     "skip_bad_inputs",
     "flip_average",
+    "reference_rotations",
     "flip_average_predictions",
     "freeze_backbone",
     "refine",
@@ -154,6 +157,7 @@ class MedSMILEPipeline:
         flip_average: bool = True,
         foreground_contrast: float | None = None,
         round0_classifier: str = "prototypes",
+        reference_rotations: bool = False,
         image_size: int = 224,
         num_rounds: int = 3,
         epochs: int = 10,
@@ -382,12 +386,15 @@ class MedSMILEPipeline:
 
         "prototypes" (the paper): cosine to each class's mean feature. "linear_probe": a class-balanced logistic
         regression on the references' cells, refitted once on them plus the pool's confident cells (one extra pass of
-        the encoder over the pool, ``PROBE_CELLS_PER_IMAGE`` cells sampled per image); measured in docs/README.md."""
-        ref_feats = []
-        for image, _, _ in refs:
+        the encoder over the pool, ``PROBE_CELLS_PER_IMAGE`` cells sampled per image); measured in docs/README.md.
+        With ``reference_rotations`` each reference also counts rotated by 90, 180 and 270 degrees."""
+        views = [(image, label) for image, label, _ in refs]
+        if self.reference_rotations:
+            views = [view for image, label in views for view in rotated_views(image, label)]
+        ref_feats, labels = [], [label for _, label in views]
+        for image, _ in views:
             patch, _ = self._features(encoder, resize_image(image, self.feature_image_size)[None])
             ref_feats.append(patch[0].cpu())
-        labels = [label for _, label, _ in refs]
         if self.round0_classifier == "prototypes":
             prototypes = class_prototypes(ref_feats, labels, self.num_classes).to(self.device)
             return lambda patch: prototype_scores(patch, prototypes)

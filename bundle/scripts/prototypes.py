@@ -27,6 +27,16 @@ def check_reference_label(label: torch.Tensor, num_classes: int, name: str = "re
         raise ValueError(f"{name}: classes {missing} are absent; every class 0..{num_classes - 1} must appear")
 
 
+def rotated_views(image: torch.Tensor, label: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The reference (image (..., X, Y), label (X, Y)) and its 90, 180 and 270 degree rotations, label rotated alike.
+
+    Why: DINOv2's patch tokens carry where they sit and which way the scene faces, so with one labelled image the
+    place and orientation of its lesion become cues for the class (a polyp on the reference's right labels the
+    right side of pool images). Extra views show the same lesion and background in four orientations; with
+    ``flip_average`` they cover all eight symmetries of the square. Measured in docs/README.md."""
+    return [(image.rot90(k, (-2, -1)), label.rot90(k, (-2, -1))) for k in range(4)]
+
+
 def class_prototypes(
     features: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], num_classes: int
 ) -> torch.Tensor:
