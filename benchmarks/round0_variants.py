@@ -31,6 +31,7 @@ from scripts.prototypes import (
     prototype_scores,
     reference_cells,
     refit_on_pool,
+    rotated_views,
     sample_cells,
     soft_labels,
 )
@@ -71,12 +72,13 @@ def cached_features(encoder, data_root: str, items: list, size: int, cache_dir: 
 
 
 @torch.no_grad()
-def rotated_views(encoder, data_root: str, item: tuple, size: int) -> dict:
-    """Features of the reference rotated by 90, 180 and 270 degrees, keyed ("rot", k, item): extra views whose label
-    is the rotated mask, so the lesion's place in the one labelled image stops being a cue for its class."""
+def rotated_reference_features(encoder, data_root: str, item: tuple, size: int) -> dict:
+    """Features of the reference's views 1-3 of ``scripts.prototypes.rotated_views`` (90, 180, 270 degrees), keyed
+    ("rot", k, item); ``evaluate`` pairs each with the mask rotated alike."""
     _, slices = read_case(image_path(data_root, *item))
     image = torch.as_tensor(slices[0])
-    return {("rot", k, item): layer_features(encoder, image.rot90(k, (-2, -1)), size).float() for k in (1, 2, 3)}
+    views = rotated_views(image, torch.zeros(image.shape[-2:]))
+    return {("rot", k, item): layer_features(encoder, views[k][0], size).float() for k in (1, 2, 3)}
 
 
 def select(feat: torch.Tensor, layers: str, flip: bool) -> torch.Tensor:
@@ -511,7 +513,7 @@ def main(argv=None) -> None:
             encoder, args.data_root, split["pool"] + [split["reference"]], args.feature_size, "results/round0_cache"
         )
         if any(v.get("rotations") for v in variants.values()):
-            feats.update(rotated_views(encoder, args.data_root, split["reference"], args.feature_size))
+            feats.update(rotated_reference_features(encoder, args.data_root, split["reference"], args.feature_size))
         for name, variant in variants.items():
             shots = variant.get("shots", 1)
             rows[name].append(

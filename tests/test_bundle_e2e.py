@@ -437,13 +437,13 @@ def test_linear_probe_round0_is_recorded_and_saved(tiny_encoder, png_dataset, tm
 def test_reference_rotations_give_round0_four_views_of_the_reference(tiny_encoder, png_dataset, tmp_path, monkeypatch):
     import scripts.pipeline
 
+    class_prototypes = scripts.pipeline.class_prototypes
     seen = []
 
     def recording_prototypes(features, labels, num_classes):
         seen.append(([f.shape for f in features], [label.clone() for label in labels]))
         return class_prototypes(features, labels, num_classes)
 
-    class_prototypes = scripts.pipeline.class_prototypes
     monkeypatch.setattr(scripts.pipeline, "class_prototypes", recording_prototypes)
     common = {k: png_dataset[k] for k in ("dataset_dir", "reference_image", "reference_label")}
     run_medsmile(tiny_encoder, tmp_path / "rot", num_rounds=0, reference_rotations=True, **common)
