@@ -209,13 +209,22 @@ def unrefined_pool_dice(out_dir: str, data_root: str, split: dict, image_size: i
     return predict_scores(network, data_root, split["pool"], image_size)["dice"]
 
 
+def needs_run(cfg: dict) -> bool:
+    """Whether round 0 on the test images can only be scored after the MedSMILE run: it fits a linear probe, or it
+    fine-tunes the encoder first."""
+    return bool(cfg.get("finetune_encoder")) or cfg.get("round0_classifier", "prototypes") == "linear_probe"
+
+
 @torch.no_grad()
 def round0_test(cfg: dict, data_root: str, split: dict, run_dir: str | None = None) -> dict:
     """Round 0 applied to the test images (no training), with the run's features: the reference's prototypes, or
-    with ``round0_classifier`` "linear_probe" the probe the run fitted (``run_dir``/round_0/linear_probe.pt)."""
-    encoder_weights, feature_size = cfg["encoder_weights"], cfg["feature_image_size"]
+    with ``round0_classifier`` "linear_probe" the probe the run fitted (``run_dir``/round_0/linear_probe.pt). With
+    ``finetune_encoder`` the features come from the encoder the run fine-tuned (``run_dir``/encoder_finetuned), the
+    one its round 0 read the pool with."""
+    feature_size = cfg["feature_image_size"]
     options = {"layers": cfg["feature_layers"], "flip_average": cfg["flip_average"]}
-    encoder = load_dinov2(resolve_encoder(encoder_weights)).eval()
+    source = os.path.join(run_dir, "encoder_finetuned") if cfg.get("finetune_encoder") else cfg["encoder_weights"]
+    encoder = load_dinov2(resolve_encoder(source)).eval()
     subset, stem = split["reference"]
     _, ref = read_case(image_path(data_root, subset, stem))
     ref_label = torch.as_tensor(read_label(mask_path(data_root, subset, stem))).long()
@@ -494,7 +503,7 @@ def main(argv=None) -> None:
             run = {"seed": seed, "reference": "/".join(split["reference"]), "reference_choice": args.reference}
             medsmile_summary = None
             medsmile_dir = os.path.join(seed_dir, "medsmile")
-            if cfg.get("round0_classifier", "prototypes") == "prototypes":
+            if not needs_run(cfg):
                 run["round0_test"] = round0_test(cfg, args.data_root, split)
             for variant in ("medsmile", "no_knn"):
                 if variant not in args.variants:
@@ -524,7 +533,7 @@ def main(argv=None) -> None:
                 if variant == "medsmile":
                     timings.append(summary)
                     medsmile_summary = summary
-            if "round0_test" not in run:  # a fitted round-0 classifier: the one the medsmile run saved
+            if "round0_test" not in run:  # round 0 as the medsmile run made it (its probe, its fine-tuned encoder)
                 run["round0_test"] = round0_test(cfg, args.data_root, split, os.path.join(medsmile_dir, "run"))
             runs.append(run)
             write_seed_record(record_file, key, run, medsmile_summary)

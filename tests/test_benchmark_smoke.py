@@ -240,3 +240,23 @@ def test_round0_test_scores_with_the_probe_the_run_saved(tiny_encoder, tmp_path)
         torch.save(state, tmp_path / "run" / "round_0" / "linear_probe.pt")
         result = paper.round0_test(cfg, str(data_root), split, str(tmp_path / "run"))
         assert result["busi"]["dice"] == pytest.approx(dice)
+
+
+def test_round0_test_reads_the_encoder_the_run_finetuned(tiny_encoder, tmp_path, monkeypatch):
+    import shutil
+
+    data_root = fake_data_root(tmp_path / "data")
+    split = paper.choose_split(str(data_root), "busi", 0, None, None)
+    shutil.copytree(tiny_encoder, tmp_path / "run" / "encoder_finetuned")
+    cfg = {"encoder_weights": tiny_encoder, "feature_image_size": 56, "feature_layers": [-1], "flip_average": False}
+    loaded = []
+    real_load = paper.load_dinov2
+    monkeypatch.setattr(paper, "load_dinov2", lambda source: loaded.append(source.path) or real_load(source))
+    base = paper.round0_test(cfg, str(data_root), split)
+    tuned = paper.round0_test({**cfg, "finetune_encoder": True}, str(data_root), split, str(tmp_path / "run"))
+    assert loaded == [tiny_encoder, str(tmp_path / "run" / "encoder_finetuned")]
+    assert tuned == base  # same weights in both folders: same scores, so only the folder differs
+    # scored before the run only when round 0 needs nothing the run makes
+    assert not paper.needs_run(cfg) and not paper.needs_run({**cfg, "round0_classifier": "prototypes"})
+    assert paper.needs_run({**cfg, "finetune_encoder": True})
+    assert paper.needs_run({**cfg, "round0_classifier": "linear_probe"})
