@@ -8,12 +8,16 @@ import torch
 import torch.nn.functional as F
 from transformers import Dinov2Model
 
-from .network import IMAGENET_MEAN, IMAGENET_STD
+from .network import IMAGENET_MEAN, IMAGENET_STD, backbone_autocast
 
 
 @torch.no_grad()
 def dinov2_features(
-    encoder: Dinov2Model, images: torch.Tensor, layers: Sequence[int] = (-1,), flip_average: bool = False
+    encoder: Dinov2Model,
+    images: torch.Tensor,
+    layers: Sequence[int] = (-1,),
+    flip_average: bool = False,
+    bf16: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Patch features (B, len(layers) * D, h, w) and global features (B, D) of images (B, 3, H, W) in [0, 1].
 
@@ -22,7 +26,8 @@ def dinov2_features(
     Several layers are concatenated and the result L2-normalised again, so cosine similarity stays the metric.
     Why: on Kvasir pools the last layer alone over-segments (fg precision 0.37); mid layers add local appearance
     and flip averaging removes the patch-grid jitter (benchmarks/results/round0_variants.md). The global feature is
-    the last layer's class token. H and W must be multiples of the patch size.
+    the last layer's class token. H and W must be multiples of the patch size. ``bf16``: the encoder runs under
+    bf16 autocast where the device supports it (``network.backbone_autocast``); the features stay float32.
     """
     patch = encoder.config.patch_size
     b, _, h, w = images.shape
@@ -39,12 +44,16 @@ def dinov2_features(
     skip = 1 + getattr(encoder.config, "num_register_tokens", 0)
     grids, global_feature = 0, None
     for v, view in enumerate(views):
-        out = encoder(pixel_values=view, output_hidden_states=list(layers) != [-1])
+        with backbone_autocast(images.device, bf16):
+            out = encoder(pixel_values=view, output_hidden_states=list(layers) != [-1])
         if global_feature is None:
-            global_feature = F.normalize(out.last_hidden_state[:, 0], dim=1)
+            global_feature = F.normalize(out.last_hidden_state[:, 0].float(), dim=1)
         per_layer = []
         for layer in layers:
-            tokens = out.last_hidden_state if layer == -1 else encoder.layernorm(out.hidden_states[layer])
+            if layer == -1:
+                tokens = out.last_hidden_state.float()
+            else:
+                tokens = encoder.layernorm(out.hidden_states[layer].float())
             grid = tokens[:, skip:].reshape(b, h // patch, w // patch, -1).permute(0, 3, 1, 2)
             grid = F.normalize(grid, dim=1)
             per_layer.append(grid.flip(-1) if v else grid)

@@ -32,7 +32,17 @@ class FlipAveragingInferer(Inferer):
                 raise ValueError(f"flip dims {dims} must be spatial dims of a 2-D image: (-1,), (-2,) or (-2, -1)")
 
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
-        probs = network(inputs, *args, **kwargs).float().softmax(dim=1)
-        for dims in self.flips:
-            probs = probs + network(inputs.flip(dims), *args, **kwargs).float().flip(dims).softmax(dim=1)
-        return (probs / (1 + len(self.flips))).clamp_min(torch.finfo(probs.dtype).tiny).log()
+        views = [((), network(inputs, *args, **kwargs))]
+        views += [(dims, network(inputs.flip(dims), *args, **kwargs)) for dims in self.flips]
+        return mean_of_flipped_views(views)
+
+
+def mean_of_flipped_views(views) -> torch.Tensor:
+    """Log of the mean class probability of mirrored views: ``views`` holds (dims, output of the view mirrored along
+    dims), each output log-probabilities or logits over dim 1; each is mirrored back before averaging."""
+    probs = 0
+    for dims, output in views:
+        output = output.float()
+        probs = probs + (output.flip(dims) if dims else output).softmax(dim=1)
+    probs = probs / len(views)
+    return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()

@@ -5,11 +5,17 @@ The Hugging Face objects stay inside this wrapper: the rest of the bundle never 
 
 DINOv2 emits a single stride-14 token grid, while Mask2Former's pixel decoder wants four scales. A ViTDet-style
 simple feature pyramid (two transposed convolutions up, one max-pool down) builds them from the last layer, so mask
-logits come out at a quarter of the token stride instead of being stuck at stride 14.
+logits come out at a quarter of the token stride instead of being stuck at stride 14. The default layout projects the
+tokens to the decoder width first and upsamples after (``feature_pyramid="project_first"``): the transposed
+convolutions then run at 128 channels instead of DINOv2's 384 (benchmarks/results/speed.json).
+
+With a frozen backbone the token grid of an image never changes, so a round computes it once
+(``backbone_tokens``) and trains and predicts the rest from it (``forward_tokens``); both paths give the same output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +27,29 @@ from transformers.models.mask2former.modeling_mask2former import Mask2FormerPixe
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+FEATURE_PYRAMIDS = ("project_first", "upsample_first")
+
+
+def bf16_supported(device: torch.device | str) -> bool:
+    """Whether the device has native bfloat16 matrix arithmetic (AVX512-BF16/AMX CPUs, Ampere+ GPUs)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def backbone_autocast(device: torch.device | str, enabled: bool = True):
+    """bf16 autocast for a DINOv2 forward that computes no gradient, where the device supports it (else a no-op).
+
+    On a CPU with AVX512-BF16 the ViT-S/14 forward runs 1.6x faster with the same argmax; a whole training step in
+    bf16 was slower (issue 32), so only the frozen backbone uses it."""
+    device = torch.device(device)
+    if not (enabled and bf16_supported(device)):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def load_encoder_config(encoder_config: str | os.PathLike | dict | Dinov2Config) -> Dinov2Config:
@@ -48,13 +77,22 @@ class LayerNorm2d(nn.GroupNorm):
 class SimpleFeaturePyramid(nn.Module):
     """ViTDet simple feature pyramid on a DINOv2 backbone: one token grid -> four maps at x4, x2, x1, x0.5.
 
-    Looks like a transformers backbone to Mask2Former (``.channels`` and an output with ``.feature_maps``).
+    Looks like a transformers backbone to Mask2Former (``.channels`` and an output with ``.feature_maps``). Its input
+    is what Mask2Former was given as ``pixel_values``: images (B, 3, H, W), or the backbone's token grid
+    (B, hidden_size, h, w) when the caller computed (or cached) it. ``out_channels``: project the tokens to this width
+    before upsampling (cheap); None upsamples at the tokens' own width (the layout of bundles before 0.4.0).
     """
 
-    def __init__(self, backbone: nn.Module, hidden_size: int):
+    def __init__(self, backbone: nn.Module, hidden_size: int, out_channels: int | None = None):
         super().__init__()
+        if hidden_size == 3:
+            raise ValueError("a backbone width of 3 cannot be told apart from RGB images")
         self.backbone = backbone
-        c = hidden_size
+        self.hidden_size = hidden_size
+        c = hidden_size if out_channels is None else out_channels
+        self.project = (
+            nn.Identity() if out_channels is None else nn.Sequential(nn.Conv2d(hidden_size, c, 1), LayerNorm2d(c))
+        )
         self.up4 = nn.Sequential(
             nn.ConvTranspose2d(c, c, kernel_size=2, stride=2),
             LayerNorm2d(c),
@@ -66,9 +104,14 @@ class SimpleFeaturePyramid(nn.Module):
         self.channels = [c, c, c, c]
 
     def forward(self, pixel_values: torch.Tensor):
-        grid = self.backbone(pixel_values).feature_maps[-1]
+        grid = pixel_values if pixel_values.shape[1] == self.hidden_size else self.tokens(pixel_values)
+        grid = self.project(grid)
         maps = (self.up4(grid), self.up2(grid), grid, self.down2(grid))
         return _FeatureMaps(maps)
+
+    def tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The backbone's last-layer token grid (B, hidden_size, h, w) of normalised images."""
+        return self.backbone(pixel_values).feature_maps[-1]
 
 
 class _FeatureMaps:
@@ -91,6 +134,8 @@ class Mask2FormerDinov2(nn.Module):
         encoder_weights: optional HF Dinov2 folder whose weights initialise the backbone (each round starts here).
         num_queries, decoder_layers, hidden_dim, pixel_decoder_layers: Mask2Former size; small values keep CPU
             runs practical.
+        feature_pyramid: "project_first" (tokens projected to ``hidden_dim`` before upsampling) or
+            "upsample_first" (upsampled at the backbone width: networks written before 0.4.0).
     """
 
     def __init__(
@@ -103,10 +148,13 @@ class Mask2FormerDinov2(nn.Module):
         hidden_dim: int = 128,
         pixel_decoder_layers: int = 2,
         num_heads: int = 4,
+        feature_pyramid: str = "upsample_first",
     ):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (background + at least one class), got {num_classes}")
+        if feature_pyramid not in FEATURE_PYRAMIDS:
+            raise ValueError(f"feature_pyramid must be one of {FEATURE_PYRAMIDS}, got {feature_pyramid!r}")
         enc_cfg = load_encoder_config(encoder_config)
         backbone_cfg = Dinov2Config(
             **{**enc_cfg.to_dict(), "out_features": [f"stage{enc_cfg.num_hidden_layers}"], "out_indices": None}
@@ -128,7 +176,8 @@ class Mask2FormerDinov2(nn.Module):
         self.patch_size = enc_cfg.patch_size
         self.mask2former = Mask2FormerForUniversalSegmentation(m2f_cfg)
         pixel_module = self.mask2former.model.pixel_level_module
-        pixel_module.encoder = SimpleFeaturePyramid(pixel_module.encoder, enc_cfg.hidden_size)
+        out_channels = hidden_dim if feature_pyramid == "project_first" else None
+        pixel_module.encoder = SimpleFeaturePyramid(pixel_module.encoder, enc_cfg.hidden_size, out_channels)
         # The pixel decoder was sized for one backbone map; rebuild it for the pyramid's four, initialised the
         # way transformers initialises it.
         pixel_module.decoder = Mask2FormerPixelDecoder(m2f_cfg, feature_channels=pixel_module.encoder.channels)
@@ -152,11 +201,32 @@ class Mask2FormerDinov2(nn.Module):
         if missing:
             raise RuntimeError(f"encoder weights in {encoder_weights} lack backbone parameters: {missing[:5]}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
+    @property
+    def pyramid(self) -> SimpleFeaturePyramid:
+        return self.mask2former.model.pixel_level_module.encoder
+
+    def _check_size(self, h: int, w: int) -> None:
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"input size {h}x{w} is not a multiple of the patch size {self.patch_size}")
-        out = self.mask2former(pixel_values=(x - self.mean) / self.std, output_auxiliary_logits=self.training)
+
+    def backbone_tokens(self, x: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+        """The token grid (B, D, H/14, W/14) of images (B, 3, H, W) in [0, 1] that ``forward_tokens`` reads, in
+        float32; ``bf16`` runs the backbone under bf16 autocast where the device supports it."""
+        self._check_size(*x.shape[-2:])
+        with backbone_autocast(x.device, bf16):
+            return self.pyramid.tokens((x - self.mean) / self.std).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_size(*x.shape[-2:])
+        return self._segment((x - self.mean) / self.std, x.shape[-2:])
+
+    def forward_tokens(self, grid: torch.Tensor) -> torch.Tensor:
+        """``forward`` of the images whose ``backbone_tokens`` are ``grid``: the backbone is not run."""
+        return self._segment(grid, (grid.shape[-2] * self.patch_size, grid.shape[-1] * self.patch_size))
+
+    def _segment(self, pixel_values: torch.Tensor, size) -> torch.Tensor:
+        h, w = size
+        out = self.mask2former(pixel_values=pixel_values, output_auxiliary_logits=self.training)
         # Mask2Former's own set loss needs the per-query outputs of this very forward (see losses.py)
         self.last_query_outputs = out if self.training else None
         class_probs = out.class_queries_logits.softmax(dim=-1)[..., :-1]  # drop the "no object" class

@@ -31,7 +31,7 @@ from .encoder_finetune import finetune_encoder
 from .features import dinov2_features
 from .image_io import label_slices, read_case, read_label
 from .losses import IGNORE_LABEL, check_bootstrap
-from .network import Mask2FormerDinov2
+from .network import FEATURE_PYRAMIDS, Mask2FormerDinov2, bf16_supported
 from .pool import ImagePool, pool_sources, resize_image, to_uint8
 from .pool_store import ArrayStore, RowItems
 from .prototypes import (
@@ -61,6 +61,7 @@ from .round_store import (
     write_ignored_pixels,
     write_round_labels,
 )
+from .token_cache import TOKEN_VIEWS, fill_token_views
 from .training import AUGMENTATIONS, predict_and_refine, round_epochs, train_round, training_items
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,9 @@ def _as_list(value) -> list[str]:
 # run still resumes while the option keeps that value (an upgrade must not orphan finished rounds).
 ADDED_OPTIONS = {
     "augmentation": "flips",
+    "backbone_bf16": False,
     "bootstrap_targets": 0.0,
+    "feature_pyramid": "upsample_first",
     "flip_average_predictions": False,
     "foreground_contrast": None,
     "head_learning_rate": None,
@@ -90,7 +93,17 @@ ADDED_OPTIONS = {
 
 # Settings that change where or how fast a run goes, not what it computes: a run resumes across them (a run folder
 # moved to another disk goes on from its new output_dir).
-UNRECORDED_KEYS = ("device", "num_workers", "overwrite", "model_path", "ground_truth_dir", "pool_store", "output_dir")
+# cache_backbone_tokens: the cached path gives the uncached one's outputs within float16 rounding (tested).
+UNRECORDED_KEYS = (
+    "device",
+    "num_workers",
+    "overwrite",
+    "model_path",
+    "ground_truth_dir",
+    "pool_store",
+    "output_dir",
+    "cache_backbone_tokens",
+)
 
 BOOLEAN_KEYS = (
     "skip_bad_inputs",
@@ -98,6 +111,8 @@ BOOLEAN_KEYS = (
     "reference_rotations",
     "flip_average_predictions",
     "freeze_backbone",
+    "cache_backbone_tokens",
+    "backbone_bf16",
     "refine",
     "train_on_reference",
     "finetune_encoder",
@@ -168,6 +183,9 @@ class MedSMILEPipeline:
         bootstrap_targets: float = 0.0,
         flip_average_predictions: bool = False,
         freeze_backbone: bool = True,
+        cache_backbone_tokens: bool = True,
+        backbone_bf16: bool = True,
+        feature_pyramid: str = "project_first",
         batch_size: int = 4,
         learning_rate: float = 5e-5,
         head_learning_rate: float | None = 5e-4,
@@ -211,6 +229,8 @@ class MedSMILEPipeline:
             raise ValueError(f"round0_classifier={round0_classifier!r} must be one of {ROUND0_CLASSIFIERS}")
         if augmentation not in AUGMENTATIONS:
             raise ValueError(f"augmentation={augmentation!r} must be one of {AUGMENTATIONS}")
+        if feature_pyramid not in FEATURE_PYRAMIDS:
+            raise ValueError(f"feature_pyramid={feature_pyramid!r} must be one of {FEATURE_PYRAMIDS}")
         if not 0 < train_fraction <= 1:
             raise ValueError(f"train_fraction={train_fraction} must be in (0, 1]")
         if not 0 <= ignore_uncertain_pixels < 1:
@@ -227,6 +247,7 @@ class MedSMILEPipeline:
         self.output_dir = os.path.abspath(output_dir)
         self.device = torch.device(device)
         self.summary: dict = {}
+        self._tokens = None  # the pool's and references' cached token views, built by the first round that uses them
 
     def __getattr__(self, name):
         cfg = self.__dict__.get("cfg", {})
@@ -322,7 +343,9 @@ class MedSMILEPipeline:
 
     # ------------------------------------------------------------------ stages
     def _features(self, encoder, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return dinov2_features(encoder, images.to(self.device), self.feature_layers, self.flip_average)
+        return dinov2_features(
+            encoder, images.to(self.device), self.feature_layers, self.flip_average, bf16=self.backbone_bf16
+        )
 
     def _round0(self, encoder, refs, pool: ImagePool) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         """Prototype pseudo-labels, global features and per-image uncertainty (mean pixel entropy of the soft labels);
@@ -467,7 +490,36 @@ class MedSMILEPipeline:
             "decoder_layers": self.decoder_layers,
             "hidden_dim": self.hidden_dim,
             "pixel_decoder_layers": self.pixel_decoder_layers,
+            "feature_pyramid": self.feature_pyramid,
         }
+
+    def _uses_token_cache(self) -> bool:
+        """Rounds train and predict from cached backbone tokens when the backbone is frozen and the augmentation
+        only mirrors (a pixel-changing augmentation needs the ViT at every step)."""
+        return self.cache_backbone_tokens and self.freeze_backbone and self.augmentation == "flips"
+
+    def _token_views(self, network: Mask2FormerDinov2, refs, pool: ImagePool):
+        """The pool's and the references' token views (token_cache.py), computed once per invocation from the
+        backbone the rounds start from (the fine-tuned encoder when there is one); returns (pool, references)."""
+        if self._tokens is None:
+            t0 = time.time()
+            grid = self.image_size // network.patch_size
+            shape = (len(pool), len(TOKEN_VIEWS), network.pyramid.hidden_size, grid, grid)
+            pool_tokens = self._store.create("pool_tokens", shape, torch.float16)
+            fill = functools.partial(
+                fill_token_views, network, pool.train_images, pool_tokens, self.batch_size, self.backbone_bf16
+            )
+            if self.pool_store == "memory":
+                fill()
+            else:  # rank 0 writes the file, the others read it
+                distributed.run_on_main(fill)
+            ref_images = torch.stack([to_uint8(resize_image(image, self.image_size)) for image, _, _ in refs])
+            ref_tokens = torch.zeros((len(refs), *shape[1:]), dtype=torch.float16)
+            fill_token_views(network, ref_images, ref_tokens, self.batch_size, self.backbone_bf16)
+            self._tokens = self._store.sync(pool_tokens), ref_tokens
+            self.summary["token_cache_s"] = time.time() - t0  # this invocation's (a resumed run rebuilds the cache)
+            logger.info("cached the backbone tokens of %d images x %d views in %.0f s", len(pool), 4, time.time() - t0)
+        return self._tokens
 
     def _round(self, r: int, encoder_source, refs, pool, labels, feats, uncertainty) -> tuple[torch.Tensor, np.ndarray]:
         """Round r: train a new network on the previous round's labels, predict and refine the pool; returns the
@@ -478,13 +530,15 @@ class MedSMILEPipeline:
         set_determinism(seed=self.seed + r)
         t0 = time.time()
         network = self._new_network(encoder_source)
+        cached = self._uses_token_cache()
+        pool_inputs, ref_tokens = self._token_views(network, refs, pool) if cached else (pool.train_images, None)
         selected = most_certain(uncertainty, self.train_fraction)
-        items = training_items(pool.train_images, labels, selected)
+        items = training_items(pool_inputs, labels, selected)
         if self.train_on_reference:
-            for image, label, _ in refs:
+            for k, (image, label, _) in enumerate(refs):
                 ref_label = F.interpolate(label[None, None].float(), (self.image_size,) * 2, mode="nearest")[0, 0]
                 item = {
-                    "image": to_uint8(resize_image(image, self.image_size)),
+                    "image": ref_tokens[k] if cached else to_uint8(resize_image(image, self.image_size)),
                     "label": ref_label.to(torch.uint8)[None],
                     "index": -1,
                 }
@@ -517,11 +571,12 @@ class MedSMILEPipeline:
             head_learning_rate=self.head_learning_rate,
             augmentation=self.augmentation,
             bootstrap_targets=self.bootstrap_targets,
+            token_views=cached,
         )
         t_train = time.time() - t0
         predictions = predict_and_refine(
             network,
-            pool.train_images,
+            pool_inputs,
             feats,
             self.num_classes,
             self.batch_size,
@@ -531,6 +586,7 @@ class MedSMILEPipeline:
             refine=self.refine,
             exact_limit=self.knn_exact_limit,
             flip_average=self.flip_average_predictions,
+            token_views=cached,
             probs=self._store.create(
                 "round_probs", (len(pool), self.num_classes, *(self.image_size,) * 2), torch.float16
             ),
@@ -683,6 +739,7 @@ class MedSMILEPipeline:
         self.summary.update(config=self.cfg, encoder=encoder_source.provenance)
         self.summary.update(pool={"cases": len(pool.cases), "images": len(pool), "skipped": pool.skipped})
         self.summary.update(processes=distributed.world_size())
+        self.summary.update(backbone_bf16_active=self.backbone_bf16 and bf16_supported(self.device))
         labels, feats, uncertainty = self._round0(encoder, refs, pool)
         del encoder
         for r in range(1, self.num_rounds + 1):

@@ -35,6 +35,7 @@ from .handlers import GradientClipHandler, KNNRefinementHandler, PixelEntropyHan
 from .inferers import FlipAveragingInferer
 from .losses import Mask2FormerSemanticLoss, SemanticDiceCELoss
 from .pool_store import RowItems
+from .token_cache import TokenHead, token_training_transform
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,10 @@ def build_optimizer(
         {"params": [p for p in network.parameters() if p.requires_grad and id(p) in backbone], "lr": learning_rate},
         {"params": [p for p in network.parameters() if p.requires_grad and id(p) not in backbone], "lr": head_lr},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    # one fused kernel per step instead of a dozen element-wise ops per tensor (CPU and CUDA float parameters)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay, fused=fused)
 
 
 def train_round(
@@ -142,6 +146,7 @@ def train_round(
     head_learning_rate: float | None = None,
     augmentation: str = "flips",
     bootstrap_targets: float = 0.0,
+    token_views: bool = False,
 ) -> dict:
     """Train ``network`` in place with AdamW, cosine annealing per iteration, grad clipping and CE + Dice.
 
@@ -150,10 +155,14 @@ def train_round(
     and Mask2Former only: half the CPU time per step (no backward through the ViT) and no drift of the features
     towards the noise of the pseudo-labels. ``learning_rate`` is the backbone's, ``head_learning_rate`` the rest's
     (see ``build_optimizer``). ``bootstrap_targets`` mixes the network's own prediction into the targets (losses.py).
+    ``token_views``: the items' images are cached token views of a frozen backbone (token_cache.py), so each step
+    runs the head only; the "flips" augmentation is then the choice of a mirrored view.
     Saves a checkpoint every epoch in ``checkpoint_dir`` and resumes from the newest one found there, so a crash
     inside a round costs at most one epoch.
     """
-    transform = training_transform(augmentation)
+    if token_views and (augmentation != "flips" or not freeze_backbone):
+        raise ValueError("cached token views need freeze_backbone and the 'flips' augmentation")
+    transform = token_training_transform() if token_views else training_transform(augmentation)
     loader = distributed.train_loader(Dataset(items, transform=transform), batch_size, num_workers, seed=seed)
     optimizer = build_optimizer(network, learning_rate, head_learning_rate, weight_decay, freeze_backbone)
     total_steps = max(1, epochs * len(loader))
@@ -162,7 +171,8 @@ def train_round(
         device=device,
         max_epochs=epochs,
         train_data_loader=loader,
-        network=distributed.wrap_model(network),  # DDP under torchrun; checkpoints hold the bare network
+        # DDP under torchrun; checkpoints hold the bare network
+        network=distributed.wrap_model(TokenHead(network) if token_views else network),
         optimizer=optimizer,
         loss_function=build_loss(loss, network, bootstrap_targets),
         inferer=SimpleInferer(),
@@ -228,20 +238,27 @@ def predict_and_refine(
     exact_limit: int = 50_000,
     probs=None,
     flip_average: bool = False,
+    token_views: bool = False,
 ) -> RoundPredictions:
     """Predict every pool image with an Ignite evaluator; entropy per image; KNN refinement at the end.
 
     ``probs``: where the (N, C, S, S) float16 probability maps go (default: a tensor in RAM). ``flip_average``:
-    predict with ``FlipAveragingInferer`` (mean of the four mirrored views) instead of one forward pass."""
-    predictions = RoundPredictions.empty(len(images), num_classes, images.shape[-1], probs=probs)
-    dataset = Dataset(RowItems(images), transform=Lambdad(keys="image", func=_as_float_image))
+    predict with ``FlipAveragingInferer`` (mean of the four mirrored views) instead of one forward pass.
+    ``token_views``: ``images`` holds each image's cached token views (N, 4, D, h, w) (token_cache.py) and the
+    head alone predicts, from the identity view or, with ``flip_average``, from all four."""
+    if token_views:
+        size = images.shape[-1] * network.patch_size
+        select = (lambda x: x.float()) if flip_average else (lambda x: x[0].float())
+        dataset = Dataset(RowItems(images), transform=Lambdad(keys="image", func=select))
+        network, inferer = TokenHead(network), SimpleInferer()
+    else:
+        size = images.shape[-1]
+        dataset = Dataset(RowItems(images), transform=Lambdad(keys="image", func=_as_float_image))
+        inferer = FlipAveragingInferer() if flip_average else SimpleInferer()
+    predictions = RoundPredictions.empty(len(images), num_classes, size, probs=probs)
     loader = distributed.shard_loader(dataset, batch_size)
     evaluator = SupervisedEvaluator(
-        device=device,
-        val_data_loader=loader,
-        network=network,
-        inferer=FlipAveragingInferer() if flip_average else SimpleInferer(),
-        decollate=False,
+        device=device, val_data_loader=loader, network=network, inferer=inferer, decollate=False
     )
     ProgressBar(desc="predict", persist=False).attach(evaluator)
     PixelEntropyHandler(predictions).attach(evaluator)
