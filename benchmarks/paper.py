@@ -47,6 +47,7 @@ from scripts.prototypes import (
     rotated_views,
     soft_labels,
 )
+from scripts.token_cache import TOKEN_VIEWS, fill_token_views
 from scripts.training import round_epochs, train_round
 
 DATASETS = {
@@ -297,8 +298,15 @@ def supervised_ceiling(cfg: dict, data_root: str, split: dict, out_dir: str) -> 
         decoder_layers=cfg["decoder_layers"],
         hidden_dim=cfg["hidden_dim"],
         pixel_decoder_layers=cfg["pixel_decoder_layers"],
+        feature_pyramid=cfg.get("feature_pyramid", "project_first"),
     ).to(device)
     t0 = time.time()
+    cached = cfg.get("cache_backbone_tokens", True) and cfg.get("freeze_backbone") and cfg["augmentation"] == "flips"
+    if cached:  # as the pipeline's rounds: the head trains on the frozen backbone's cached token views
+        grid = size // network.patch_size
+        views = torch.zeros(len(items), len(TOKEN_VIEWS), network.pyramid.hidden_size, grid, grid, dtype=torch.float16)
+        fill_token_views(network, torch.stack([it["image"] for it in items]), views, bf16=cfg.get("backbone_bf16"))
+        items = [{**item, "image": views[i]} for i, item in enumerate(items)]
     train_round(
         network,
         items,
@@ -313,6 +321,7 @@ def supervised_ceiling(cfg: dict, data_root: str, split: dict, out_dir: str) -> 
         freeze_backbone=cfg.get("freeze_backbone", False),
         head_learning_rate=cfg.get("head_learning_rate"),
         augmentation=cfg.get("augmentation", "flips"),
+        token_views=cached,
     )
     train_s = time.time() - t0
     return {"test": predict_test(network.cpu(), data_root, split["tests"], size), "train_s": train_s}

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_OVERRIDES
 from monai.utils import set_determinism
+
 from scripts.inferers import FlipAveragingInferer
-from scripts.network import Mask2FormerDinov2
+from scripts.network import Mask2FormerDinov2, network_from_file
 from scripts.pipeline import MedSMILEPipeline
 from scripts.token_cache import TOKEN_VIEWS, TokenHead, fill_token_views, token_training_transform
 from scripts.training import training_transform
-
-from conftest import TINY_OVERRIDES
 
 
 def tiny_network(encoder: str, feature_pyramid: str = "project_first") -> Mask2FormerDinov2:
@@ -37,6 +39,15 @@ def test_pyramid_layouts_differ_in_width_and_old_layout_keeps_its_keys(tiny_enco
     assert old.pyramid.up2.in_channels == 32 and new.pyramid.up2.in_channels == 32  # tiny: D == hidden_dim
     assert not any(".project." in k for k in old.state_dict())  # pre-0.4.0 checkpoints load unchanged
     assert any(".project.0.weight" in k for k in new.state_dict())
+    assert isinstance(Mask2FormerDinov2(2, tiny_encoder, hidden_dim=32).pyramid.project, torch.nn.Sequential)
+
+
+def test_network_json_without_a_pyramid_key_rebuilds_the_old_layout(tiny_encoder, tmp_path):
+    spec = {"num_classes": 2, "encoder_config": tiny_encoder, "num_queries": 4, "decoder_layers": 1, "hidden_dim": 64}
+    (tmp_path / "old.json").write_text(json.dumps(spec))
+    (tmp_path / "new.json").write_text(json.dumps({**spec, "feature_pyramid": "project_first"}))
+    old, new = network_from_file(tmp_path / "old.json"), network_from_file(tmp_path / "new.json")
+    assert old.pyramid.up2.in_channels == 32 and new.pyramid.up2.in_channels == 64
     with pytest.raises(ValueError, match="feature_pyramid must be one of"):
         tiny_network(tiny_encoder, "upsample_later")
 

@@ -148,7 +148,7 @@ class Mask2FormerDinov2(nn.Module):
         hidden_dim: int = 128,
         pixel_decoder_layers: int = 2,
         num_heads: int = 4,
-        feature_pyramid: str = "upsample_first",
+        feature_pyramid: str = "project_first",
     ):
         super().__init__()
         if num_classes < 2:
@@ -254,4 +254,5 @@ def network_from_file(path: str | os.PathLike) -> Mask2FormerDinov2:
     ``models/model.pt`` into it). Used by ``network_def`` in inference.json and evaluate.json."""
     with open(path) as f:
         spec = json.load(f)
+    spec.setdefault("feature_pyramid", "upsample_first")  # network.json of bundles before 0.4.0
     return Mask2FormerDinov2(**spec)
