@@ -38,8 +38,12 @@ def load_encoder_config(encoder_config: str | os.PathLike | dict | Dinov2Config)
         return load_encoder_config(json.load(f))
 
 
-class LayerNorm2d(nn.GroupNorm):
-    """Channel LayerNorm for (B, C, H, W) maps (GroupNorm with one group normalises over C, H, W; ViTDet uses C)."""
+class GroupNorm1(nn.GroupNorm):
+    """GroupNorm with one group: normalises each (C, H, W) map over C, H and W together, with a per-channel affine.
+
+    Not ViTDet's channel LayerNorm, which normalises over C at each pixel; the name says which one this is. Its
+    parameters (``weight``, ``bias`` of size C) and state-dict keys are those of the earlier ``LayerNorm2d``.
+    """
 
     def __init__(self, channels: int):
         super().__init__(1, channels)
@@ -57,7 +61,7 @@ class SimpleFeaturePyramid(nn.Module):
         c = hidden_size
         self.up4 = nn.Sequential(
             nn.ConvTranspose2d(c, c, kernel_size=2, stride=2),
-            LayerNorm2d(c),
+            GroupNorm1(c),
             nn.GELU(),
             nn.ConvTranspose2d(c, c, kernel_size=2, stride=2),
         )
