@@ -135,7 +135,7 @@ def as_bool(name: str, value) -> bool:
 class MedSMILEPipeline:
     """One labelled image (or a few) + an unlabelled pool -> pseudo-labels per round and a trained Mask2Former.
 
-    Arguments mirror the top-level keys of ``configs/medsmile.json``; see the comments there and METHOD.md.
+    Arguments mirror the top-level keys of ``configs/medsmile.json``; see the comments there and docs/METHOD.md.
     """
 
     def __init__(
@@ -426,7 +426,7 @@ class MedSMILEPipeline:
         return self._store.sync(labels)
 
     def _finetuned_encoder(self, base: EncoderSource, pool: ImagePool) -> EncoderSource:
-        """MoCo-style fine-tune of the encoder on the pool (METHOD.md, optional step); every later stage uses it.
+        """MoCo-style fine-tune of the encoder on the pool (docs/METHOD.md, "Optional step"); every later stage uses it.
         A finished fine-tune in ``encoder_finetuned/`` is reused; an interrupted one resumes from its checkpoint."""
         t0 = time.time()
         out = os.path.join(self.output_dir, "encoder_finetuned")

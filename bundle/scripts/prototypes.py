@@ -1,8 +1,9 @@
 """Round 0 of MedSMILE: class prototypes from the labelled reference(s) and transductive soft labels.
 
-METHOD.md, "Round 0": prototype p_c = L2-normalised mean of the reference's patch features over class-c cells (label
-resized to the token grid, nearest); S_c = F_u . p_c; bilinear upsampling to the image size; softmax over classes. The bundle's default adds one step the paper lacks
-(``foreground_contrast``): a foreground cell must also stand out within its own image.
+docs/METHOD.md, "Round 0": prototype p_c = L2-normalised mean of the reference's patch features over class-c cells
+(label resized to the token grid, nearest); S_c = F_u . p_c; bilinear upsampling to the image size; softmax over
+classes. The bundle offers one step the paper lacks (``foreground_contrast``, off by default): a foreground cell must
+also stand out within its own image.
 """
 
 from __future__ import annotations

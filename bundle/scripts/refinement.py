@@ -1,4 +1,4 @@
-"""Uncertainty-guided KNN refinement of one round's pseudo-labels (METHOD.md, "Rounds", steps 3-4)."""
+"""Uncertainty-guided KNN refinement of one round's pseudo-labels (docs/METHOD.md, "Rounds", steps 3-4)."""
 
 from __future__ import annotations
 
