@@ -386,7 +386,7 @@ class MedSMILEPipeline:
 
         "prototypes" (the paper): cosine to each class's mean feature. "linear_probe": a class-balanced logistic
         regression on the references' cells, refitted once on them plus the pool's confident cells (one extra pass of
-        the encoder over the pool, ``PROBE_CELLS_PER_IMAGE`` cells sampled per image); measured in docs/README.md.
+        the encoder over the pool, ``PROBE_CELLS_PER_IMAGE`` cells sampled per image); measured in benchmarks/README.md.
         With ``reference_rotations`` each reference also counts rotated by 90, 180 and 270 degrees."""
         views = [(image, label) for image, label, _ in refs]
         if self.reference_rotations:
