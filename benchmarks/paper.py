@@ -4,7 +4,8 @@ ceiling with the same network and budget, recovery, and wall time / memory; mean
     python -m benchmarks.paper --profile cpu-quick --dataset polyp --seeds 0 1 2
 
 Profiles are config override files in ``bundle/configs/profiles/`` (merged over medsmile.json the MONAI way); their
-``benchmark`` key holds the pool and test sizes. Results land in ``results/<profile>/`` as JSON and Markdown. Each
+``benchmark`` key holds the pool and test sizes. Results land in ``benchmarks/results/<tag>/`` as JSON and Markdown,
+where the committed tables live (the run folders ``<dataset>/seed<S>/`` below them are git-ignored). Each
 seed's scores are kept in ``<dataset>/seed<S>/record.json``: seeds run side by side (one ``--seeds S`` process each)
 are gathered by one more invocation over all of them, which reuses the records of the same configuration.
 """
@@ -28,6 +29,7 @@ from monai.inferers import SimpleInferer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = os.path.join(REPO, "bundle")
+RESULTS = os.path.join(REPO, "benchmarks", "results")  # tables committed; run folders below <tag>/ git-ignored
 sys.path.insert(0, BUNDLE)
 
 from scripts.atomic_files import write_json_atomic
@@ -452,7 +454,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dataset", nargs="+", default=["polyp"], choices=sorted(DATASETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--data_root", default=os.path.join(REPO, "..", "shared", "data"))
-    parser.add_argument("--results_dir", default=os.path.join(REPO, "results"))
+    parser.add_argument("--results_dir", default=RESULTS)
     parser.add_argument("--variants", nargs="+", default=["medsmile", "no_knn", "supervised"])
     parser.add_argument(
         "--reference",

@@ -69,7 +69,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=["polyp", "isic2017", "busi"])
     parser.add_argument("--profile", default="cpu-quick")
-    parser.add_argument("--results_dir", default=os.path.join(REPO, "results"))
+    parser.add_argument("--results_dir", default=os.path.join(REPO, "benchmarks", "results"))  # benchmarks.paper's
     args = parser.parse_args(argv)
     tables = {}
     for dataset in args.datasets:

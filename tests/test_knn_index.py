@@ -4,7 +4,7 @@ import faiss
 import numpy as np
 import pytest
 
-from scripts.knn_index import build_index, default_nlist, search
+from scripts.knn_index import HNSW_EF_SEARCH, IVF_NPROBE, build_index, default_nlist, search
 
 
 def _unit(x):
@@ -58,14 +58,15 @@ def test_approximate_indexes_reach_recall_at_5(kind):
 def test_auto_is_exact_up_to_the_limit_and_ivf_past_it():
     x = _clustered(2_000)
     assert isinstance(build_index(x, exact_limit=2_000), faiss.IndexFlatIP)
-    ivf = build_index(x, exact_limit=1_999, nprobe=4)
+    ivf = build_index(x, exact_limit=1_999)
     assert isinstance(ivf, faiss.IndexIVFFlat)
     assert ivf.metric_type == faiss.METRIC_INNER_PRODUCT
     assert ivf.nlist == default_nlist(2_000) == 2_000 // 39  # 4 sqrt(n) = 179 lists would be under-trained
-    assert ivf.nprobe == 4 and ivf.ntotal == 2_000
+    assert ivf.nprobe == IVF_NPROBE == 16 and ivf.ntotal == 2_000
     assert default_nlist(1_000_000) == 4_000
-    hnsw = build_index(x, kind="hnsw", hnsw_m=16, ef_search=20)
-    assert hnsw.metric_type == faiss.METRIC_INNER_PRODUCT and hnsw.hnsw.efSearch == 20
+    hnsw = build_index(x, kind="hnsw", hnsw_m=16)
+    assert hnsw.metric_type == faiss.METRIC_INNER_PRODUCT and hnsw.hnsw.efSearch == HNSW_EF_SEARCH == 64
+    assert faiss.downcast_index(hnsw).hnsw.nb_neighbors(1) == 16  # M links per node above level 0
     with pytest.raises(ValueError):
         build_index(x, kind="lsh")
 
@@ -82,7 +83,8 @@ def test_fewer_than_k_results_are_minus_one_and_minus_inf_at_the_end(kind):
 def test_ivf_probing_too_few_lists_pads_with_minus_one():
     # 400 points in 10 lists, probing 1 list per query: asking for k > list size must leave -1 slots, never junk ids
     x = _clustered(400, d=16, clusters=10, spread=0.05)
-    index = build_index(x, kind="ivf", nlist=10, nprobe=1)
+    index = build_index(x, kind="ivf", nlist=10)
+    index.nprobe = 1  # the search-time knob is the index's own attribute
     sizes = faiss.extract_index_ivf(index).invlists
     k = max(sizes.list_size(i) for i in range(10)) + 1
     sims, ids = search(index, x[:20], k)

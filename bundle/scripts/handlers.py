@@ -1,7 +1,7 @@
 """Ignite handlers of a MedSMILE round, each with ``attach(engine)`` like MONAI's own.
 
 - GradientClipHandler: grad-norm clipping between backward and optimizer step of a SupervisedTrainer.
-- PixelEntropyHandler: per-image mean pixel entropy of the evaluator's predictions (METHOD.md step 3).
+- PixelEntropyHandler: per-image mean pixel entropy of the evaluator's predictions (docs/METHOD.md, "Rounds" step 3).
 - KNNRefinementHandler: once the pool is predicted, replaces the most uncertain labels by a KNN vote (step 4).
 
 In a torchrun job each rank predicts its share of the pool: PixelEntropyHandler all-gathers every batch, so each

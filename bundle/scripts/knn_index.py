@@ -30,6 +30,8 @@ import faiss
 import numpy as np
 
 KINDS = ("auto", "flat", "ivf", "hnsw")
+IVF_NPROBE = 16  # lists an IVF query scans; benchmarks/knn.py sweeps it by setting ``index.nprobe`` afterwards
+HNSW_EF_SEARCH = 64  # candidates an HNSW search keeps; benchmarks/knn.py sets ``index.hnsw.efSearch`` afterwards
 _MIN_POINTS_PER_LIST = 39  # faiss k-means warns (and clusters poorly) below 39 training points per centroid
 
 
@@ -50,17 +52,16 @@ def build_index(
     exact_limit: int = 50_000,
     kind: str = "auto",
     nlist: int | None = None,
-    nprobe: int = 16,
     hnsw_m: int = 32,
-    ef_search: int = 64,
 ) -> faiss.Index:
     """Index the (n, d) L2-normalised ``features`` for inner-product search; row i gets id i.
 
-    ``kind="auto"``: exact ``IndexFlatIP`` for n <= ``exact_limit``, IVF-Flat past it. ``"flat"``, ``"ivf"``,
-    ``"hnsw"`` force one. IVF: ``nlist`` lists (default ``default_nlist(n)``), k-means trained on a seeded random
-    sample of 39 * nlist vectors (faiss's minimum per centroid: training is the dominant build cost), ``nprobe``
-    lists scanned per query. HNSW: ``hnsw_m`` links per node, ``ef_search`` candidates kept while searching (faiss
-    uses max(ef_search, k)).
+    ``kind="auto"`` (what the pipeline uses; only ``exact_limit`` is a config key, ``knn_exact_limit``): exact
+    ``IndexFlatIP`` for n <= ``exact_limit``, IVF-Flat past it. ``"flat"``, ``"ivf"``, ``"hnsw"`` force one, for
+    benchmarks/knn.py and the tests. IVF: ``nlist`` lists (default ``default_nlist(n)``), k-means trained on a seeded
+    random sample of 39 * nlist vectors (faiss's minimum per centroid: training is the dominant build cost),
+    ``IVF_NPROBE`` lists scanned per query. HNSW: ``hnsw_m`` links per node, ``HNSW_EF_SEARCH`` candidates kept while
+    searching (faiss uses max(efSearch, k)). Both search-time knobs are attributes of the returned index.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -78,10 +79,10 @@ def build_index(
         n_train = min(n, _MIN_POINTS_PER_LIST * nlist)
         sample = x if n_train == n else x[np.sort(np.random.default_rng(0).choice(n, n_train, replace=False))]
         index.train(sample)
-        index.nprobe = min(nprobe, nlist)
+        index.nprobe = min(IVF_NPROBE, nlist)
     else:
         index = faiss.index_factory(d, f"HNSW{hnsw_m}", faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = ef_search
+        index.hnsw.efSearch = HNSW_EF_SEARCH
     index.add(x)
     return index
 

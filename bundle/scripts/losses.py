@@ -4,7 +4,7 @@ Supervising only the class-normalised semantic map (CE + Dice on ``network(x)``)
 Mask2Former sit for many iterations at a constant prediction (every pixel background): the gradient that reaches
 each query's mask through the normalisation is weak. Mask2Former's own loss (Hungarian matching of queries to the
 classes present, class CE, per-query mask BCE and Dice on sampled points, on every decoder layer) supervises the
-query masks directly and escapes that plateau within a few dozen iterations; measured in docs/README.md.
+query masks directly and escapes that plateau within a few dozen iterations; measured in benchmarks/README.md.
 
 Pixels labelled ``IGNORE_LABEL`` (the least certain pixels of a pseudo-label, ``ignore_uncertain_pixels``) give no
 CE / Dice term, and in the set loss their mask target is the network's own detached class probability.

@@ -67,8 +67,12 @@ def load_encoder_config(encoder_config: str | os.PathLike | dict | Dinov2Config)
         return load_encoder_config(json.load(f))
 
 
-class LayerNorm2d(nn.GroupNorm):
-    """Channel LayerNorm for (B, C, H, W) maps (GroupNorm with one group normalises over C, H, W; ViTDet uses C)."""
+class GroupNorm1(nn.GroupNorm):
+    """GroupNorm with one group: normalises each (C, H, W) map over C, H and W together, with a per-channel affine.
+
+    Not ViTDet's channel LayerNorm, which normalises over C at each pixel; the name says which one this is. Its
+    parameters (``weight``, ``bias`` of size C) and state-dict keys are those of the earlier ``LayerNorm2d``.
+    """
 
     def __init__(self, channels: int):
         super().__init__(1, channels)
@@ -91,11 +95,11 @@ class SimpleFeaturePyramid(nn.Module):
         self.hidden_size = hidden_size
         c = hidden_size if out_channels is None else out_channels
         self.project = (
-            nn.Identity() if out_channels is None else nn.Sequential(nn.Conv2d(hidden_size, c, 1), LayerNorm2d(c))
+            nn.Identity() if out_channels is None else nn.Sequential(nn.Conv2d(hidden_size, c, 1), GroupNorm1(c))
         )
         self.up4 = nn.Sequential(
             nn.ConvTranspose2d(c, c, kernel_size=2, stride=2),
-            LayerNorm2d(c),
+            GroupNorm1(c),
             nn.GELU(),
             nn.ConvTranspose2d(c, c, kernel_size=2, stride=2),
         )

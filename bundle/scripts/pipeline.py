@@ -150,7 +150,7 @@ def as_bool(name: str, value) -> bool:
 class MedSMILEPipeline:
     """One labelled image (or a few) + an unlabelled pool -> pseudo-labels per round and a trained Mask2Former.
 
-    Arguments mirror the top-level keys of ``configs/medsmile.json``; see the comments there and METHOD.md.
+    Arguments mirror the top-level keys of ``configs/medsmile.json``; see the comments there and docs/METHOD.md.
     """
 
     def __init__(
@@ -409,7 +409,7 @@ class MedSMILEPipeline:
 
         "prototypes" (the paper): cosine to each class's mean feature. "linear_probe": a class-balanced logistic
         regression on the references' cells, refitted once on them plus the pool's confident cells (one extra pass of
-        the encoder over the pool, ``PROBE_CELLS_PER_IMAGE`` cells sampled per image); measured in docs/README.md.
+        the encoder over the pool, ``PROBE_CELLS_PER_IMAGE`` cells sampled per image); measured in benchmarks/README.md.
         With ``reference_rotations`` each reference also counts rotated by 90, 180 and 270 degrees."""
         views = [(image, label) for image, label, _ in refs]
         if self.reference_rotations:
@@ -449,7 +449,7 @@ class MedSMILEPipeline:
         return self._store.sync(labels)
 
     def _finetuned_encoder(self, base: EncoderSource, pool: ImagePool) -> EncoderSource:
-        """MoCo-style fine-tune of the encoder on the pool (METHOD.md, optional step); every later stage uses it.
+        """MoCo-style fine-tune of the encoder on the pool (docs/METHOD.md, "Optional step"); every later stage uses it.
         A finished fine-tune in ``encoder_finetuned/`` is reused; an interrupted one resumes from its checkpoint."""
         t0 = time.time()
         out = os.path.join(self.output_dir, "encoder_finetuned")

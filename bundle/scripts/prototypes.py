@@ -1,8 +1,9 @@
 """Round 0 of MedSMILE: class prototypes from the labelled reference(s) and transductive soft labels.
 
-METHOD.md, "Round 0": prototype p_c = L2-normalised mean of the reference's patch features over class-c cells (label
-resized to the token grid, nearest); S_c = F_u . p_c; bilinear upsampling to the image size; softmax over classes. The bundle's default adds one step the paper lacks
-(``foreground_contrast``): a foreground cell must also stand out within its own image.
+docs/METHOD.md, "Round 0": prototype p_c = L2-normalised mean of the reference's patch features over class-c cells
+(label resized to the token grid, nearest); S_c = F_u . p_c; bilinear upsampling to the image size; softmax over
+classes. The bundle offers one step the paper lacks (``foreground_contrast``, off by default): a foreground cell must
+also stand out within its own image.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def rotated_views(image: torch.Tensor, label: torch.Tensor) -> list[tuple[torch.
     Why: DINOv2's patch tokens carry where they sit and which way the scene faces, so with one labelled image the
     place and orientation of its lesion become cues for the class (a polyp on the reference's right labels the
     right side of pool images). Extra views show the same lesion and background in four orientations; with
-    ``flip_average`` they cover all eight symmetries of the square. Measured in docs/README.md."""
+    ``flip_average`` they cover all eight symmetries of the square. Measured in benchmarks/README.md."""
     return [(image.rot90(k, (-2, -1)), label.rot90(k, (-2, -1))) for k in range(4)]
 
 
@@ -79,7 +80,7 @@ def foreground_contrast_scores(scores: torch.Tensor, contrast: float | None) -> 
     like the reference's lesion than like the reference's own background (red mucosa in Kvasir: 45 % of each pool
     image labelled polyp against 16 % true). The lesion still stands out within such an image, and the threshold
     never falls below the plain argmax, so images whose background is already rejected keep their labels.
-    Measured in docs/README.md (round-0 and round-1 Dice on Kvasir, CVC, ISIC 2017, BUSI).
+    Measured in benchmarks/README.md (round-0 and round-1 Dice on Kvasir, CVC, ISIC 2017, BUSI).
     """
     if contrast is None:
         return scores

@@ -1,4 +1,4 @@
-"""Uncertainty-guided KNN refinement of one round's pseudo-labels (METHOD.md, "Rounds", steps 3-4)."""
+"""Uncertainty-guided KNN refinement of one round's pseudo-labels (docs/METHOD.md, "Rounds", steps 3-4)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def mark_uncertain_pixels(labels: torch.Tensor, soft: torch.Tensor, fraction: fl
     copies the noise (FINDINGS.md: ignoring the 50 % smallest-margin pixels raised one round's Kvasir test Dice from
     0.32 to 0.37). Per class, not per image: the foreground is the low-margin class of a prototype map, and an
     image-wide cut left out 63 % of it and a whole lesion in 5 % of a Kvasir pool; that round learnt to predict
-    background (pool Dice 0.37 -> 0.12, docs/README.md). Per image and class, ``int(fraction * n_c)`` of its n_c
+    background (pool Dice 0.37 -> 0.12, benchmarks/README.md). Per image and class, ``int(fraction * n_c)`` of its n_c
     pixels; ties broken by pixel order (deterministic).
     """
     if fraction <= 0:

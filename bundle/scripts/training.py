@@ -92,7 +92,7 @@ def training_transform(augmentation: str = "flips") -> Compose:
 
 def round_epochs(num_items: int, batch_size: int, epochs: int, min_iterations: int) -> int:
     """``epochs``, raised so that a round trains at least ``min_iterations`` steps: a fresh Mask2Former needs a few
-    hundred before it predicts anything but background (measured in docs/README.md)."""
+    hundred before it predicts anything but background (measured in benchmarks/README.md)."""
     per_epoch = max(1, num_items // batch_size)
     return max(epochs, math.ceil(min_iterations / per_epoch))
 

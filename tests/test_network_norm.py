@@ -1,0 +1,27 @@
+"""The pyramid's normalisation is a one-group GroupNorm (over C, H, W), and checkpoints keep their keys."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from scripts.network import GroupNorm1, Mask2FormerDinov2
+
+
+def test_group_norm1_normalises_over_channels_and_pixels_together():
+    norm = GroupNorm1(2)
+    x = torch.tensor([[[[1.0, 3.0]], [[5.0, 7.0]]]])  # (1, C=2, 1, 2): mean 4, variance (9 + 1 + 1 + 9) / 4 = 5
+    expected = (x - 4.0) / math.sqrt(5.0 + norm.eps)
+    torch.testing.assert_close(norm(x), expected)
+    # a channel LayerNorm would normalise each pixel's (1, 5) and (3, 7) to (-1, 1): not what this module does
+    assert not torch.allclose(norm(x)[0, :, 0, 0], torch.tensor([-1.0, 1.0]), atol=1e-3)
+
+
+def test_pyramid_state_dict_keys_are_unchanged(tiny_encoder):
+    """Checkpoints written while the class was called LayerNorm2d load: keys are by Sequential index."""
+    net = Mask2FormerDinov2(2, tiny_encoder, hidden_dim=32, num_queries=4, decoder_layers=1, pixel_decoder_layers=1)
+    keys = [k.split("encoder.", 1)[1] for k in net.state_dict() if ".encoder.up4." in k]
+    assert keys == ["up4.0.weight", "up4.0.bias", "up4.1.weight", "up4.1.bias", "up4.3.weight", "up4.3.bias"]
+    norm = net.mask2former.model.pixel_level_module.encoder.up4[1]
+    assert isinstance(norm, GroupNorm1) and norm.num_groups == 1 and norm.weight.shape == (32,)
