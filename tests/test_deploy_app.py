@@ -251,6 +251,15 @@ def test_deploy_app_dicom_seg_and_png_masks_equal_bundle_inference(tiny_encoder,
     np.testing.assert_allclose(by_config.affine, written.affine, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(by_config.dataobj), np.asarray(written.dataobj))
 
+    # a bundle folder with models/model.pt + network.json and no model.ts: the weights loaded into network_def give
+    # the masks of the traced model
+    pt_only = make_bundle(tmp_path / "bundle_pt", tmp_path / "models")
+    (pt_only / "models" / "model.ts").unlink()
+    run_app(pt_only, png_dataset["dataset_dir"], tmp_path / "png_pt")
+    for image_name in png_dataset["sizes"]:
+        expected = png_mask(tmp_path / "png_trained" / f"{image_name}_seg.png")
+        np.testing.assert_array_equal(png_mask(tmp_path / "png_pt" / f"{image_name}_seg.png"), expected)
+
     # a TorchScript model without the bundle's configs embedded is refused with the reason
     with pytest.raises(ValueError, match=r"probe\.ts: no metadata\.json embedded in this TorchScript model"):
         run_app(probe_ts, tmp_path / "ct", tmp_path / "seg_refused")
