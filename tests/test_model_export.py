@@ -103,6 +103,14 @@ def test_a_model_of_unknown_origin_is_moved_aside(tmp_path):
     assert (tmp_path / "models" / "previous" / os.path.basename(moved) / "model.pt").read_bytes() == b"hand-made"
     assert (models / "model.pt").read_bytes() == b"new" and (models / "notes.txt").is_file()
 
+    # a broken network.json beside a model: its run is unknown too; a second such move gets a name of its own
+    (models / "network.json").write_text("{broken")
+    again = publish_model(str(run_dir), str(models), "model", {"output_dir": "y", "fingerprint": "g"})["previous"]
+    assert again["trained_by"] is None and again["moved_to"] != moved
+    assert (
+        tmp_path / "models" / "previous" / os.path.basename(again["moved_to"]) / "network.json"
+    ).read_text() == "{broken"
+
 
 def test_image_size_of_an_older_export_and_a_missing_record(tmp_path, caplog):
     from scripts.model_files import trained_image_size

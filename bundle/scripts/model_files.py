@@ -90,16 +90,34 @@ def run_metadata(base: dict, num_classes: int, image_size: int, names: Sequence[
 
 
 def _previous_name(models_dir: str, record: dict | None) -> str:
+    """``<fingerprint>`` of the run that made the model (one folder per configuration), else a new
+    ``unrecorded-<time of its newest file>[-n]``."""
     trained_by = (record or {}).get("trained_by") or {}
     if trained_by.get("fingerprint"):
         return str(trained_by["fingerprint"])
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(_newest_mtime(models_dir)))
-    return f"unrecorded-{stamp}"
+    name, n = f"unrecorded-{stamp}", 1
+    while os.path.exists(os.path.join(models_dir, PREVIOUS_DIR, name)):
+        n += 1
+        name = f"unrecorded-{stamp}-{n}"
+    return name
 
 
 def _newest_mtime(models_dir: str) -> float:
     times = [os.path.getmtime(os.path.join(models_dir, n)) for n in os.listdir(models_dir)]
     return max(times, default=time.time())
+
+
+def _published_record(network_file: str) -> dict | None:
+    """network.json of the model in models/ (None: none there; {}: unreadable, so its run is unknown)."""
+    if not os.path.isfile(network_file):
+        return None
+    try:
+        record = read_network_record(network_file)
+    except (OSError, ValueError) as err:
+        logger.warning("%s is unreadable (%s): the model beside it counts as of an unknown run", network_file, err)
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def publish_model(run_model_dir: str, models_dir: str, model_stem: str, trained_by: dict) -> dict:
@@ -113,8 +131,7 @@ def publish_model(run_model_dir: str, models_dir: str, model_stem: str, trained_
     files = [n for n in names if os.path.isfile(os.path.join(run_model_dir, n))]
     os.makedirs(models_dir, exist_ok=True)
     present = [n for n in names if os.path.isfile(os.path.join(models_dir, n))]
-    network_file = os.path.join(models_dir, NETWORK_FILE)
-    record = read_network_record(network_file) if os.path.isfile(network_file) else None
+    record = _published_record(os.path.join(models_dir, NETWORK_FILE))
     previous = None
     same_run = record is not None and record.get("trained_by") == trained_by
     if present and not same_run:
