@@ -31,6 +31,19 @@ def train(tiny_encoder, data, out_dir, models_dir, **overrides):
     return json.loads((out_dir / "summary.json").read_text())
 
 
+def run_inference(models_dir, dataset_dir, out, **overrides):
+    """inference.json with the model in models_dir and no image_size given."""
+    run(
+        config_file=os.path.join(CONFIGS, "inference.json"),
+        bundle_root=BUNDLE_ROOT,
+        ckpt_path=str(models_dir / "model.pt"),
+        network_config=str(models_dir / "network.json"),
+        dataset_dir=str(dataset_dir),
+        output_dir=str(out),
+        **overrides,
+    )
+
+
 def test_model_records_its_size_and_runs_keep_their_models(tiny_encoder, png_dataset, tmp_path, caplog):
     models = tmp_path / "models"
     summary_a = train(tiny_encoder, png_dataset, tmp_path / "run_a", models, image_size=70)
@@ -57,14 +70,7 @@ def test_model_records_its_size_and_runs_keep_their_models(tiny_encoder, png_dat
     image = os.path.join(png_dataset["dataset_dir"], "img_0.png")
     assert parser.get_parsed_content("preprocessing")({"image": image})["image"].shape == (3, 70, 70)
     out = tmp_path / "pred"
-    run(
-        config_file=os.path.join(CONFIGS, "inference.json"),
-        bundle_root=BUNDLE_ROOT,
-        ckpt_path=str(models / "model.pt"),
-        network_config=str(models / "network.json"),
-        dataset_dir=png_dataset["dataset_dir"],
-        output_dir=str(out),
-    )
+    run_inference(models, png_dataset["dataset_dir"], out)
     for name, (h, w) in png_dataset["sizes"].items():
         assert np.asarray(Image.open(out / f"{name}_seg.png")).shape == (h, w)
 

@@ -14,10 +14,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import BUNDLE_ROOT, TINY_OVERRIDES
-from monai.bundle import run
 from PIL import Image
 
-CONFIGS = os.path.join(BUNDLE_ROOT, "configs")
 NAMES = ["background", "red structure", "blue structure"]
 SIZE = TINY_OVERRIDES["image_size"]
 
@@ -56,7 +54,9 @@ def monailabel_constants(monkeypatch):
 def test_three_classes_end_to_end(tiny_encoder, tmp_path, monkeypatch):
     pytest.importorskip("monai.deploy", reason="MONAI Deploy App SDK not installed (pip install -e '.[deploy]')")
     pytest.importorskip("highdicom")
+    from test_bundle_e2e import run_medsmile
     from test_deploy_app import disc, make_bundle, read_seg, run_app, write_series
+    from test_model_export import run_inference
 
     from scripts.demo_data import make_demo_data
 
@@ -66,18 +66,15 @@ def test_three_classes_end_to_end(tiny_encoder, tmp_path, monkeypatch):
     assert set(np.unique(reference)) == {0, 1, 2}
 
     # the pipeline and the export
-    run(
-        config_file=os.path.join(CONFIGS, "medsmile.json"),
-        bundle_root=BUNDLE_ROOT,
-        output_dir=str(tmp_path / "run"),
-        model_path=str(tmp_path / "models" / "model.pt"),
-        encoder_weights=tiny_encoder,
+    run_medsmile(
+        tiny_encoder,
+        tmp_path,
         dataset_dir=demo["dataset_dir"],
         reference_image=demo["reference_image"],
         reference_label=demo["reference_label"],
         num_classes=3,
         label_names=NAMES,
-        **{**TINY_OVERRIDES, "num_rounds": 1},
+        num_rounds=1,
     )
     for r in (0, 1):
         labels = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "run" / f"round_{r}" / "labels").glob("*.png"))]
@@ -98,14 +95,7 @@ def test_three_classes_end_to_end(tiny_encoder, tmp_path, monkeypatch):
     assert traced(torch.rand(1, 3, SIZE, SIZE)).shape == (1, 3, SIZE, SIZE)
 
     # inference.json (its image_size from network.json)
-    run(
-        config_file=os.path.join(CONFIGS, "inference.json"),
-        bundle_root=BUNDLE_ROOT,
-        ckpt_path=str(tmp_path / "models" / "model.pt"),
-        network_config=str(tmp_path / "models" / "network.json"),
-        dataset_dir=demo["dataset_dir"],
-        output_dir=str(tmp_path / "pred"),
-    )
+    run_inference(tmp_path / "models", demo["dataset_dir"], tmp_path / "pred")
     masks = [np.asarray(Image.open(tmp_path / "pred" / f"demo_{i:03d}_seg.png")) for i in range(1, 7)]
     assert all(m.shape == (SIZE, SIZE) for m in masks) and set(np.unique(masks)) <= {0, 1, 2}
 

@@ -9,10 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE_ROOT
-from monai.bundle import run
-
-CONFIGS = os.path.join(BUNDLE_ROOT, "configs")
+from test_model_export import run_inference
 
 
 class BrightProbe(torch.nn.Module):
@@ -58,14 +55,7 @@ def tiny_model(tiny_encoder, folder, image_size=56):
 def test_inference_json_segments_a_volume_slice_by_slice(tiny_encoder, volume, tmp_path):
     models = tiny_model(tiny_encoder, tmp_path / "models")
     out = tmp_path / "pred"
-    run(
-        config_file=os.path.join(CONFIGS, "inference.json"),
-        bundle_root=BUNDLE_ROOT,
-        ckpt_path=str(models / "model.pt"),
-        network_config=str(models / "network.json"),
-        dataset_dir=str(volume["dir"]),
-        output_dir=str(out),
-    )
+    run_inference(models, volume["dir"], out)
     written = nib.load(out / "vol_seg.nii.gz")  # before: ValueError "expected a 2-D channel-first image"
     assert written.shape == (56, 50, 3)
     np.testing.assert_allclose(written.affine, volume["affine"], atol=1e-5)
@@ -74,14 +64,8 @@ def test_inference_json_segments_a_volume_slice_by_slice(tiny_encoder, volume, t
     # a network that sees the blob: slices without it come back empty, the blob slice holds it
     probe = tmp_path / "probe.ts"
     torch.jit.save(torch.jit.trace(BrightProbe().eval(), torch.rand(1, 3, 56, 56)), str(probe))
-    run(
-        config_file=os.path.join(CONFIGS, "inference.json"),
-        bundle_root=BUNDLE_ROOT,
-        network=f"$torch.jit.load({str(probe)!r})",
-        handlers=[],
-        network_config=str(models / "network.json"),
-        dataset_dir=str(volume["dir"]),
-        output_dir=str(tmp_path / "probe_pred"),
+    run_inference(
+        models, volume["dir"], tmp_path / "probe_pred", network=f"$torch.jit.load({str(probe)!r})", handlers=[]
     )
     mask = np.asarray(nib.load(tmp_path / "probe_pred" / "vol_seg.nii.gz").dataobj)
     assert mask[..., 0].sum() == 0 and mask[..., 2].sum() == 0
