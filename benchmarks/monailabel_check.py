@@ -5,7 +5,7 @@ Three stages, each in the interpreter that a user would have:
 1. (project python) Make a bundle folder the way MONAI Label receives one (``configs/``, ``scripts/``,
    ``models/model.pt`` + ``models/network.json``): copy ``bundle/configs`` and ``bundle/scripts`` into a work folder
    and train a tiny model there with ``configs/medsmile.json`` (random-init tiny DINOv2, generated images, the tests'
-   TINY_OVERRIDES with ``image_size`` set to inference.json's, the size MONAI Label will feed it; class head and mask
+   TINY_OVERRIDES; inference.json reads that image_size from models/network.json, as MONAI Label will; class head and mask
    embedder then scaled so that the masks are not a single class, see ``sharpen``). ``--bundle DIR``
    takes an existing trained bundle folder instead. Then run the bundle's own ``configs/inference.json`` with
    ``python -m monai.bundle run`` on test images (RGB and grey 8-bit PNG, 16-bit grey PNG, JPEG; sizes that are not
@@ -118,12 +118,9 @@ def train_tiny_bundle(work: str) -> str:
     Image.fromarray(ref_image).save(os.path.join(work, "ref.png"))
     Image.fromarray(ref_mask * 255).save(os.path.join(work, "ref_mask.png"))
 
-    with open(os.path.join(bundle, "configs", "inference.json")) as f:
-        image_size = json.load(f)["image_size"]
-    overrides = {
+    overrides = {  # inference.json, hence MONAI Label, reads the training image_size from models/network.json
         **helpers.TINY_OVERRIDES,
         "num_rounds": 1,
-        "image_size": image_size,
         "output_dir": os.path.join(work, "run"),
         "model_path": os.path.join(bundle, "models", "model.pt"),
         "encoder_weights": encoder,

@@ -9,7 +9,10 @@ by ``monai.bundle.run`` on the same pixels with the same ``models/model.ts``:
   instance (``get_pixels_by_source_instance``);
 * single-slice DICOM: inference.json on its raw pixels (saved as a 2-D NIfTI);
 * PNG: inference.json directly on the PNG files (``<name>_seg.png`` against ``<name>_seg.png``);
-* NIfTI volume (the CT's voxels): the app's file route must write the masks of its DICOM route, with the geometry.
+* NIfTI volume (the CT's voxels): the app's file route must write the masks of its DICOM route, with the geometry,
+  and inference.json's own volume route (slice by slice) the same NIfTI;
+* a bare ``model.ts`` (``-m models/model.ts``) with the configs the export embeds: the SEG of the bundle folder; one
+  without them is refused with the reason.
 
 The tiny model predicts one class everywhere (1 epoch on 6 images), which cannot reveal a transposed or misordered
 mask; so the same comparisons are also made with a contrast-sensitive TorchScript network put in the same bundle.
@@ -50,15 +53,12 @@ class ContrastProbe(torch.nn.Module):
 
 
 def make_bundle(folder, models_dir, model_ts=None):
-    """Bundle folder for the app: configs (inference.json's image_size set to the trained size), scripts, models."""
+    """Bundle folder for the app: configs, scripts, models (inference.json takes the trained size from network.json)."""
     shutil.copytree(CONFIGS, folder / "configs")
     shutil.copytree(
         os.path.join(BUNDLE_ROOT, "scripts"), folder / "scripts", ignore=shutil.ignore_patterns("__pycache__")
     )
     shutil.copytree(models_dir, folder / "models")
-    config = json.loads((folder / "configs" / "inference.json").read_text())
-    config["image_size"] = SIZE
-    (folder / "configs" / "inference.json").write_text(json.dumps(config, indent=4))
     if model_ts is not None:
         shutil.copyfile(model_ts, folder / "models" / "model.ts")
     return folder
@@ -152,9 +152,16 @@ def test_deploy_app_dicom_seg_and_png_masks_equal_bundle_inference(tiny_encoder,
         **{**TINY_OVERRIDES, "num_rounds": 1},
     )
     trained = make_bundle(tmp_path / "bundle_trained", tmp_path / "models")
-    probe_ts = tmp_path / "probe.ts"
-    torch.jit.save(torch.jit.trace(ContrastProbe().eval(), torch.rand(1, 3, SIZE, SIZE)), str(probe_ts))
+    probe_ts, probe_bare_ts = tmp_path / "probe.ts", tmp_path / "probe_bare" / "model.ts"
+    traced_probe = torch.jit.trace(ContrastProbe().eval(), torch.rand(1, 3, SIZE, SIZE))
+    torch.jit.save(traced_probe, str(probe_ts))  # no bundle configs embedded
     probe = make_bundle(tmp_path / "bundle_probe", tmp_path / "models", model_ts=probe_ts)
+    # the probe as a bare model.ts carrying the configs the export embedded in the trained model.ts
+    extra = {"inference.json": "", "metadata.json": ""}
+    torch.jit.load(str(tmp_path / "models" / "model.ts"), _extra_files=extra)
+    assert json.loads(extra["inference.json"])["image_size"] == SIZE
+    probe_bare_ts.parent.mkdir()
+    torch.jit.save(traced_probe, str(probe_bare_ts), _extra_files=extra)
 
     # 2. DICOM inputs: a 3-slice CT-like series (48 x 60, stored HU + 1024, intercept -1024), a 1-slice MR-like image
     rng = np.random.default_rng(3)
@@ -209,6 +216,15 @@ def test_deploy_app_dicom_seg_and_png_masks_equal_bundle_inference(tiny_encoder,
             np.testing.assert_array_equal(frames[k], png_mask(ref_out / f"ct_{k}_seg.png"), err_msg=f"{name}: CT {k}")
         ct_masks[name] = frames
 
+        # the same series with a bare TorchScript model (-m model.ts): its embedded inference.json and metadata.json
+        # give the same SEG as the bundle folder
+        bare = tmp_path / "models" / "model.ts" if name == "trained" else probe_bare_ts
+        out = tmp_path / f"seg_ct_{name}_bare_ts"
+        assert run_app(bare, tmp_path / "ct", out).mode == "dicom"
+        bare_seg, bare_frames = read_seg(out, ct_sops)
+        assert [s.SegmentLabel for s in bare_seg.SegmentSequence] == ["lesion"]
+        np.testing.assert_array_equal(bare_frames, frames, err_msg=f"{name}: bare model.ts")
+
         # single-slice DICOM -> DICOM SEG; reference: inference.json on the raw pixels (no windowing by the app)
         out = tmp_path / f"seg_mr_{name}"
         run_app(bundle, tmp_path / "mr", out)
@@ -224,11 +240,29 @@ def test_deploy_app_dicom_seg_and_png_masks_equal_bundle_inference(tiny_encoder,
             assert mask.shape == (h, w)
             np.testing.assert_array_equal(mask, png_mask(png_ref / f"{image_name}_seg.png"), err_msg=image_name)
 
-    # NIfTI volume -> NIfTI mask with the input's geometry, equal to the DICOM route's masks (probe network)
+    # NIfTI volume -> NIfTI mask with the input's geometry, equal to the DICOM route's masks (probe network), and
+    # to inference.json's own volume route (slice by slice, NIfTI out)
     run_app(probe, nifti_in, tmp_path / "nifti_out")
     written = nib.load(tmp_path / "nifti_out" / "ct_seg.nii.gz")
     assert written.shape == (cols, rows, 3)
     np.testing.assert_array_equal(np.asarray(written.dataobj).transpose(2, 1, 0), ct_masks["probe"])
+    run_inference_json(probe, nifti_in, tmp_path / "nifti_ref")
+    by_config = nib.load(tmp_path / "nifti_ref" / "ct_seg.nii.gz")
+    np.testing.assert_allclose(by_config.affine, written.affine, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(by_config.dataobj), np.asarray(written.dataobj))
+
+    # a bundle folder with models/model.pt + network.json and no model.ts: the weights loaded into network_def give
+    # the masks of the traced model
+    pt_only = make_bundle(tmp_path / "bundle_pt", tmp_path / "models")
+    (pt_only / "models" / "model.ts").unlink()
+    run_app(pt_only, png_dataset["dataset_dir"], tmp_path / "png_pt")
+    for image_name in png_dataset["sizes"]:
+        expected = png_mask(tmp_path / "png_trained" / f"{image_name}_seg.png")
+        np.testing.assert_array_equal(png_mask(tmp_path / "png_pt" / f"{image_name}_seg.png"), expected)
+
+    # a TorchScript model without the bundle's configs embedded is refused with the reason
+    with pytest.raises(ValueError, match=r"probe\.ts: no metadata\.json embedded in this TorchScript model"):
+        run_app(probe_ts, tmp_path / "ct", tmp_path / "seg_refused")
 
     # the probe's masks are not trivial (the trained tiny model's are one class), so the comparisons above did check
     # placement, orientation and slice order

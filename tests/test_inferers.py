@@ -78,11 +78,43 @@ def test_pipeline_records_flip_average_predictions(tiny_encoder, png_dataset, tm
     assert os.path.isfile(tmp_path / "run" / "round_1" / "round.json")
 
 
-@pytest.mark.parametrize("flip_average, expected", [(True, "FlipAveragingInferer"), (False, "SimpleInferer")])
-def test_inference_config_switches_the_inferer(flip_average, expected):
+@pytest.mark.parametrize("flip, expected", [(True, "FlipAveragingInferer"), (False, "SimpleInferer")])
+def test_inference_config_switches_the_inferer(flip, expected):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(os.path.join(BUNDLE_ROOT, "configs", "inference.json"))
-    parser["flip_average"] = flip_average
-    assert type(parser.get_parsed_content("inferer")).__name__ == expected
+    parser.update({"flip_average_predictions": flip, "image_size": 28})
+    assert "flip_average" not in parser.config  # one name per meaning: medsmile.json's flip_average is round 0's
+    inferer = parser.get_parsed_content("inferer")
+    assert type(inferer).__name__ == "PlaneInferer" and type(inferer.inner).__name__ == expected
+
+
+class PerPixelNet(torch.nn.Module):
+    """2-D only (refuses 5-D input): class-1 logit = 3 * (channel mean - 0.5) + a column-dependent bias."""
+
+    def forward(self, x):
+        assert x.ndim == 4, x.shape
+        grey = x.mean(1, keepdim=True)
+        bias = torch.linspace(-0.2, 0.2, x.shape[-1]).expand_as(grey)
+        return torch.cat([torch.zeros_like(grey), 3 * (grey - 0.5) + bias], 1)
+
+
+@pytest.mark.parametrize("slice_axis", [0, 1, 2])
+@pytest.mark.parametrize("flip", [False, True])
+def test_plane_inferer_runs_the_2d_network_slice_by_slice(slice_axis, flip):
+    from scripts.inferers import FlipAveragingInferer, PlaneInferer
+
+    torch.manual_seed(0)
+    volume = torch.rand(2, 3, 6, 6, 6)
+    inner = FlipAveragingInferer() if flip else None
+    out = PlaneInferer(roi_size=(6, 6), slice_axis=slice_axis, inner=inner, sw_batch_size=4)(volume, PerPixelNet())
+    assert out.shape == (2, 2, 6, 6, 6)
+    single = inner or (lambda x, net: net(x))
+    for k in range(6):
+        plane = volume.select(slice_axis + 2, k)
+        torch.testing.assert_close(out.select(slice_axis + 2, k), single(plane, PerPixelNet()), atol=1e-5, rtol=0)
+    images = volume[:, :, :, :, 0]  # 2-D batches go straight to the (inner) inferer
+    torch.testing.assert_close(PlaneInferer((6, 6), inner=inner)(images, PerPixelNet()), single(images, PerPixelNet()))
+    with pytest.raises(ValueError, match=r"expected a batch of 2-D images .* got \(6, 6\)"):
+        PlaneInferer((6, 6))(torch.zeros(6, 6), PerPixelNet())

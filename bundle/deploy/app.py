@@ -102,8 +102,8 @@ class MedSmileSegApp(Application):
         series_rules: JSON selection rules for ``DICOMSeriesSelectorOperator`` (default: every series; the SDK
             converts and segments the first selected series of the first study).
         slice_axis: axis along which non-DICOM volumes (NIfTI) are cut, as the bundle's ``--slice_axis``.
-        config_overrides: inference.json ids to override, e.g. ``{"image_size": 518}`` for a model trained at another
-            size than the bundle's inference.json says; default: the JSON object in ``$MEDSMILE_CONFIG_OVERRIDES``.
+        config_overrides: inference.json ids to override, e.g. ``{"image_size": 518}`` (default: the size recorded
+            with the model); default: the JSON object in ``$MEDSMILE_CONFIG_OVERRIDES``.
     """
 
     def __init__(self, *args, series_rules: str = "", slice_axis: int = 2, config_overrides: dict | None = None, **kw):

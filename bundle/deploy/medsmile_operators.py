@@ -1,14 +1,16 @@
 """Operators of the MedSMILE MONAI Deploy application: the bundle's 2-D network applied slice by slice.
 
-``SliceBundleInferenceOperator`` is the SDK's :class:`MonaiBundleInferenceOperator` with the same bundle handling
-(``configs/metadata.json`` + ``configs/inference.json`` from a bundle folder or from the ``extra/`` files of a
-TorchScript ``model.ts``; ``device``, ``inferer``, ``preprocessing`` and ``postprocessing`` parsed from
-inference.json, ``LoadImage*``/``SaveImage*`` dropped; ``models/model.ts`` loaded), but a different ``compute``:
+``SliceBundleInferenceOperator`` is the SDK's :class:`MonaiBundleInferenceOperator` (``device``, ``inferer``,
+``preprocessing`` and ``postprocessing`` parsed from inference.json, ``LoadImage*``/``SaveImage*`` dropped), with its
+own bundle reading and ``compute``:
 
-* the stock ``compute`` hands the whole DICOM volume ``(W, H, D)`` to the pre-processing as one 3-D image, which a
-  2-D network cannot take (``IntensityToRGBd`` and ``Resized`` to ``[image_size, image_size]`` reject it); here every
-  slice goes through inference.json's ``preprocessing -> inferer -> postprocessing`` on its own and the masks are
-  stacked back;
+* the configs come from a bundle folder (``configs/inference.json``; ``models/metadata.json``, the trained model's
+  classes and size, else ``configs/metadata.json``) or from the files embedded in a TorchScript ``model.ts``
+  (``model.ts/extra/inference.json`` and ``metadata.json``, which the SDK does not find in a bare model.ts); the
+  model is ``models/model.ts``, else ``models/model.pt`` (weights only) in inference.json's ``network_def``;
+* the stock ``compute`` hands the whole DICOM volume ``(W, H, D)`` to the pre-processing as one image; here every
+  slice goes through inference.json's ``preprocessing -> inferer -> postprocessing`` on its own (with the series'
+  window, below) and the masks are stacked back;
 * intensities are scaled the way the training pool reads its inputs (``scripts.image_io.read_case``): a single 2-D
   image is passed raw, so ``IntensityToRGBd`` applies its rule to it exactly as inference.json does on a file; a
   volume is windowed once over the whole volume (same 0.5/99.5 percentile rule, same function) and each slice is
@@ -37,14 +39,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.deploy.core import Fragment, Image, IOType, Operator, OperatorSpec
 from monai.deploy.core.models import TorchScriptModel
-from monai.deploy.operators.monai_bundle_inference_operator import (
-    IOMapping,
-    MonaiBundleInferenceOperator,
-    _load_model_from_directory_bundle,
-)
+from monai.deploy.operators.monai_bundle_inference_operator import IOMapping, MonaiBundleInferenceOperator
 from monai.utils import ensure_tuple, first
 
 logger = logging.getLogger(__name__)
@@ -94,14 +93,37 @@ def resolve_bundle(path: str | os.PathLike, workdir: str | os.PathLike | None = 
 
 
 def bundle_metadata(bundle: Path) -> dict:
-    """metadata.json of a bundle folder, or the copy embedded in a TorchScript file (``*/extra/metadata.json``)."""
+    """The trained model's metadata: ``models/metadata.json`` of a bundle folder (written by the run with its classes
+    and size; else ``configs/metadata.json``), or the copy embedded in a TorchScript file (``*/extra/metadata.json``)."""
     if bundle.is_dir():
-        return json.loads((bundle / "configs" / "metadata.json").read_text())
-    with zipfile.ZipFile(bundle) as archive:
-        names = [n for n in archive.namelist() if n.endswith("extra/metadata.json")]
+        run_file = bundle / "models" / "metadata.json"
+        return json.loads((run_file if run_file.is_file() else bundle / "configs" / "metadata.json").read_text())
+    return json.loads(embedded_file(bundle, "metadata.json"))
+
+
+def embedded_file(model_ts: Path, name: str) -> bytes:
+    """A bundle file embedded in a TorchScript model by ``ckpt_export`` (``<archive>/extra/<name>``)."""
+    with zipfile.ZipFile(model_ts) as archive:
+        names = [n for n in archive.namelist() if n.endswith(f"extra/{name}")]
         if not names:
-            raise ValueError(f"{bundle}: no metadata.json embedded (export it with ckpt_export --meta_file)")
-        return json.loads(archive.read(names[0]))
+            raise ValueError(
+                f"{model_ts}: no {name} embedded in this TorchScript model; export it with the bundle "
+                "(configs/medsmile.json does, or ckpt_export --meta_file/--config_file), or pass the bundle folder"
+            )
+        return archive.read(names[0])
+
+
+def load_bundle_network(bundle: Path, device, parser) -> torch.nn.Module:
+    """The model of a bundle folder: ``models/model.ts`` (TorchScript), else ``models/model.pt`` loaded (weights
+    only) into inference.json's ``network_def``."""
+    models = bundle / "models"
+    if (models / "model.ts").is_file():
+        return torch.jit.load(str(models / "model.ts"), map_location=device).eval()
+    if not (models / "model.pt").is_file():
+        raise FileNotFoundError(f"{models}: no model.ts or model.pt (train the bundle first: configs/medsmile.json)")
+    network = parser.get_parsed_content("network_def").to(device)
+    network.load_state_dict(torch.load(str(models / "model.pt"), map_location=device, weights_only=True))
+    return network.eval()
 
 
 def ensure_scripts_importable(bundle: Path) -> None:
@@ -202,22 +224,40 @@ class SliceBundleInferenceOperator(MonaiBundleInferenceOperator):
 
     # -- bundle ----------------------------------------------------------------------------------------------------
 
+    def _bundle_parser(self, bundle: Path) -> ConfigParser:
+        """inference.json of the bundle folder or the one embedded in the TorchScript model, with ``bundle_root``
+        and the overrides set. Read here, not by the SDK: for a ``.ts`` bundle the SDK looks for ``<stem>/extra/``,
+        while ckpt_export names the archive folder after the whole file name (``model.ts/extra/``), so with a bare
+        ``model.ts`` it found no inference.json and ran without pre- and post-processing; and ``bundle_root`` must be
+        set before anything is parsed (``image_size`` is read from ``models/network.json``)."""
+        parser = ConfigParser()
+        if bundle.is_dir():
+            parser.read_config(str(bundle / "configs" / "inference.json"))
+        else:  # its image_size is the trained one, written into the embedded copy by the export
+            parser.read_config(json.loads(embedded_file(bundle, "inference.json")))
+        parser.read_meta(bundle_metadata(bundle))
+        parser["bundle_root"] = str(bundle if bundle.is_dir() else DEFAULT_BUNDLE_ROOT)
+        for key, value in self._config_overrides.items():
+            parser[key] = value
+        return parser
+
     def _ensure_ready(self) -> None:
         if self._init_completed and self._model_network is not None:
             return
         bundle = self._medsmile_bundle
         ensure_scripts_importable(bundle)
         self._bundle_path = bundle
-        self._init_config(self._bundle_config_names.config_names)  # SDK: metadata, device, inferer, transforms
+        # what the SDK's _init_config sets, from this parser
+        self._parser = parser = self._bundle_parser(bundle)
+        self._device = parser.get_parsed_content("device") if parser.get("device") is not None else torch.device("cpu")
+        self._inferer = parser.get_parsed_content(self._bundle_config_names.inferer_name)
+        self._inputs = parser["_meta_"]["network_data_format"]["inputs"]
+        self._outputs = parser["_meta_"]["network_data_format"]["outputs"]
+        self._preproc = self._get_compose(self._bundle_config_names.preproc_name, ["LoadImage", "SaveImage"])
+        self._postproc = self._get_compose(self._bundle_config_names.postproc_name, ["LoadImage", "SaveImage"])
+        self._meta_key_postfix = self._get_meta_key_postfix(self._preproc)
         if bundle.is_dir():
-            self._parser["bundle_root"] = str(bundle)  # network_def/ckpt paths, used only for a model.pt fallback
-        if self._config_overrides:
-            for key, value in self._config_overrides.items():
-                self._parser[key] = value
-            self._preproc = self._get_compose(self._bundle_config_names.preproc_name, ["LoadImage", "SaveImage"])
-            self._postproc = self._get_compose(self._bundle_config_names.postproc_name, ["LoadImage", "SaveImage"])
-        if bundle.is_dir():
-            self._model_network = _load_model_from_directory_bundle(bundle, self._device, self._parser)
+            self._model_network = load_bundle_network(bundle, self._device, parser)
         else:
             self._model_network = torch.jit.load(str(bundle), map_location=self._device).eval()
         self._init_completed = True

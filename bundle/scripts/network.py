@@ -255,8 +255,13 @@ def _mask2former_config(**kwargs) -> Mask2FormerConfig:
 
 def network_from_file(path: str | os.PathLike) -> Mask2FormerDinov2:
     """The network a run trained, rebuilt from the ``models/network.json`` it wrote (architecture only; load
-    ``models/model.pt`` into it). Used by ``network_def`` in inference.json and evaluate.json."""
+    ``models/model.pt`` into it). Used by ``network_def`` in inference.json and evaluate.json. The keys that describe
+    the model rather than build it (``scripts.model_files.RECORD_KEYS``: training size, class names, run) are left out.
+    """
+    from .model_files import RECORD_KEYS
+
     with open(path) as f:
         spec = json.load(f)
+    spec = {k: v for k, v in spec.items() if k not in RECORD_KEYS}
     spec.setdefault("feature_pyramid", "upsample_first")  # network.json of bundles before 0.4.0
     return Mask2FormerDinov2(**spec)

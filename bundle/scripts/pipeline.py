@@ -103,6 +103,7 @@ UNRECORDED_KEYS = (
     "pool_store",
     "output_dir",
     "cache_backbone_tokens",
+    "label_names",  # names the classes of the exported model, computes nothing
 )
 
 BOOLEAN_KEYS = (
@@ -220,6 +221,7 @@ class MedSMILEPipeline:
         inference_config: str | None = None,
         metadata_file: str | None = None,
         pool_store: str = "disk",
+        label_names: list[str] | str | None = None,
     ):
         self.cfg = {k: v for k, v in locals().items() if k != "self"}  # first: later locals are not settings
         for name, size in (("image_size", image_size), ("feature_image_size", feature_image_size)):
@@ -236,6 +238,9 @@ class MedSMILEPipeline:
         if not 0 <= ignore_uncertain_pixels < 1:
             raise ValueError(f"ignore_uncertain_pixels={ignore_uncertain_pixels} must be in [0, 1)")
         check_bootstrap(bootstrap_targets)
+        from .model_files import label_names as class_names
+
+        self.cfg["label_names"] = class_names(num_classes, label_names)  # checked now, not after the rounds
         if isinstance(reference_repeats, bool) or not isinstance(reference_repeats, int) or reference_repeats < 1:
             raise ValueError(f"reference_repeats={reference_repeats!r} must be a whole number >= 1")
         self.cfg["feature_layers"] = list(feature_layers)
@@ -643,30 +648,54 @@ class MedSMILEPipeline:
                 writer.writerow([self._item_name(pool, i), repr(float(uncertainty[i])), int(i in refined)])
 
     def _export_model(self, encoder_source: EncoderSource) -> None:
-        """models/model.pt (state dict of the last round) and models/network.json (how to rebuild the network)."""
-        final = os.path.join(round_dir(self.output_dir, self.num_rounds), "model.pt")
-        os.makedirs(os.path.dirname(os.path.abspath(self.model_path)), exist_ok=True)
-        tmp = self.model_path + ".tmp"
-        shutil.copyfile(final, tmp)
-        os.replace(tmp, self.model_path)
+        """The last round's network into the run's own ``<output_dir>/model`` (model.pt, network.json: how to rebuild
+        it, its training size, class names and run; metadata.json with the run's values; model.ts), then published to
+        model_path's folder (``models/``, what inference.json, MONAI Label and Deploy read). A model there from another
+        run is moved to ``models/previous/<its fingerprint>/`` first (``scripts.model_files.publish_model``)."""
+        from .model_files import BUNDLE_METADATA, METADATA_FILE, label_names, publish_model, run_metadata
+
+        run_models = os.path.join(self.output_dir, "model")
+        os.makedirs(run_models, exist_ok=True)
+        stem = os.path.splitext(os.path.basename(self.model_path))[0]
+        model_file = os.path.join(run_models, stem + ".pt")
+        shutil.copyfile(os.path.join(round_dir(self.output_dir, self.num_rounds), "model.pt"), model_file + ".tmp")
+        os.replace(model_file + ".tmp", model_file)
         with open(os.path.join(encoder_source.path, "config.json")) as f:
             encoder_config = json.load(f)
-        network_file = os.path.join(os.path.dirname(os.path.abspath(self.model_path)), NETWORK_FILE)
-        write_json_atomic(
-            network_file,
-            {"num_classes": self.num_classes, "encoder_config": encoder_config, **self._decoder_kwargs()},
-        )
-        self.summary["model"] = {"model_path": os.path.abspath(self.model_path), "network_config": network_file}
+        names = label_names(self.num_classes, self.label_names)
+        trained_by = {"output_dir": self.output_dir, "fingerprint": self._config_fingerprint()}
+        network_file = os.path.join(run_models, NETWORK_FILE)
+        network = {"num_classes": self.num_classes, "encoder_config": encoder_config, **self._decoder_kwargs()}
+        network.update(image_size=self.image_size, label_names=names, trained_by=trained_by)
+        write_json_atomic(network_file, network)
+        with open(self.metadata_file or BUNDLE_METADATA) as f:
+            metadata = run_metadata(json.load(f), self.num_classes, self.image_size, names)
+        metadata_file = os.path.join(run_models, METADATA_FILE)
+        write_json_atomic(metadata_file, metadata)
+        ts_file = os.path.join(run_models, stem + ".ts")
         if self.export_torchscript:
-            self.summary["model"]["torchscript"] = self._export_torchscript(network_file)
+            self._export_torchscript(model_file, network_file, metadata_file, ts_file)
+        elif os.path.isfile(ts_file):
+            os.remove(ts_file)  # an earlier export of this run: not this model
+        models_dir = os.path.dirname(os.path.abspath(self.model_path))
+        published = publish_model(run_models, models_dir, stem, trained_by)
+        self.summary["model"] = {
+            "run_model_dir": run_models,
+            "model_path": os.path.abspath(self.model_path),
+            "network_config": os.path.join(models_dir, NETWORK_FILE),
+            "metadata": os.path.join(models_dir, METADATA_FILE),
+            "trained_by": trained_by,
+            **published,
+        }
+        if self.export_torchscript:
+            self.summary["model"]["torchscript"] = os.path.join(models_dir, stem + ".ts")
 
-    def _export_torchscript(self, network_file: str) -> str:
-        """models/model.ts through MONAI's ckpt_export (trace mode: transformers models do not script), with the
-        bundle metadata and inference config embedded."""
+    def _export_torchscript(self, model_file: str, network_file: str, metadata_file: str, ts_path: str) -> str:
+        """model.ts through MONAI's ckpt_export (trace mode: transformers models do not script), with the run's
+        metadata.json and an inference.json holding its image_size embedded (a bare model.ts carries no network.json)."""
         from monai.bundle import ckpt_export
 
-        ts_path = os.path.splitext(self.model_path)[0] + ".ts"
-        # embed an inference.json whose image_size is this run's (ckpt_export embeds the file as written)
+        # ckpt_export embeds the config file as written
         with open(self.inference_config) as f:
             inference = json.load(f)
         inference["image_size"] = self.image_size
@@ -677,8 +706,8 @@ class MedSMILEPipeline:
         ckpt_export(
             net_id="network_def",
             filepath=ts_path + ".tmp",
-            ckpt_file=self.model_path,
-            meta_file=self.metadata_file,
+            ckpt_file=model_file,
+            meta_file=metadata_file,
             config_file=config_file,
             network_config=network_file,
             use_trace=True,

@@ -30,7 +30,7 @@ from monai.transforms import MapTransform
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
-from monailabel.tasks.infer.bundle import BundleInferTask
+from monailabel.tasks.infer.bundle import BundleConstants, BundleInferTask
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +50,27 @@ class Label2Dd(MapTransform):
         return d
 
 
+class TrainedModelConstants(BundleConstants):
+    """MONAI Label's bundle file names, but the metadata of the trained model: ``models/metadata.json``, which a
+    MedSMILE run writes beside its model with its classes (``channel_def``: MONAI Label's label names), when present;
+    else ``configs/metadata.json`` (which describes the default 2-class model)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def metadata_json(self) -> str:
+        run_file = os.path.join(self.path, "models", "metadata.json")
+        return os.path.join(os.pardir, "models", "metadata.json") if os.path.isfile(run_file) else "metadata.json"
+
+
 class Bundle2DInferTask(BundleInferTask):
     """``BundleInferTask`` whose last post transform makes a 2-D bundle's label writable (3-D bundles untouched),
     and which writes the label of a JPEG image as PNG (MONAI Label takes the image's suffix: a JPEG label map is
-    lossy and no longer holds class indices) unless the request names ``result_extension``."""
+    lossy and no longer holds class indices) unless the request names ``result_extension``. Labels, dimension and
+    description come from the trained model's metadata (``TrainedModelConstants``)."""
+
+    def __init__(self, path, conf, **kwargs):
+        super().__init__(path, conf, const=TrainedModelConstants(path), **kwargs)
 
     def post_transforms(self, data=None):
         post = list(super().post_transforms(data))
