@@ -301,6 +301,7 @@ def supervised_ceiling(cfg: dict, data_root: str, split: dict, out_dir: str) -> 
         hidden_dim=cfg["hidden_dim"],
         pixel_decoder_layers=cfg["pixel_decoder_layers"],
         feature_pyramid=cfg.get("feature_pyramid", "project_first"),
+        mask_loss_points=cfg.get("mask_loss_points", 12544),
     ).to(device)
     t0 = time.time()
     cached = cfg.get("cache_backbone_tokens", True) and cfg.get("freeze_backbone") and cfg["augmentation"] == "flips"

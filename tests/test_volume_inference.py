@@ -42,6 +42,7 @@ def tiny_model(tiny_encoder, folder, image_size=56):
     from scripts.network import Mask2FormerDinov2
 
     spec = {"num_classes": 2, "hidden_dim": 32, "num_queries": 4, "decoder_layers": 1, "pixel_decoder_layers": 1}
+    spec["feature_pyramid"] = "project_first"  # as network.json records it
     torch.manual_seed(0)
     network = Mask2FormerDinov2(encoder_config=tiny_encoder, **spec)
     folder.mkdir()

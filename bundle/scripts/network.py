@@ -140,6 +140,7 @@ class Mask2FormerDinov2(nn.Module):
             runs practical.
         feature_pyramid: "project_first" (tokens projected to ``hidden_dim`` before upsampling) or
             "upsample_first" (upsampled at the backbone width: networks written before 0.4.0).
+        mask_loss_points: points per mask that Mask2Former's set loss samples (its default 12544); training only.
     """
 
     def __init__(
@@ -153,6 +154,7 @@ class Mask2FormerDinov2(nn.Module):
         pixel_decoder_layers: int = 2,
         num_heads: int = 4,
         feature_pyramid: str = "project_first",
+        mask_loss_points: int = 12544,
     ):
         super().__init__()
         if num_classes < 2:
@@ -175,6 +177,7 @@ class Mask2FormerDinov2(nn.Module):
             encoder_feedforward_dim=4 * hidden_dim,
             dim_feedforward=4 * hidden_dim,
             num_attention_heads=num_heads,
+            train_num_points=mask_loss_points,
         )
         self.num_classes = num_classes
         self.patch_size = enc_cfg.patch_size

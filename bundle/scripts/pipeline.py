@@ -82,6 +82,7 @@ ADDED_OPTIONS = {
     "backbone_bf16": False,
     "bootstrap_targets": 0.0,
     "feature_pyramid": "upsample_first",
+    "mask_loss_points": 12544,
     "flip_average_predictions": False,
     "foreground_contrast": None,
     "head_learning_rate": None,
@@ -187,6 +188,7 @@ class MedSMILEPipeline:
         cache_backbone_tokens: bool = True,
         backbone_bf16: bool = True,
         feature_pyramid: str = "project_first",
+        mask_loss_points: int = 4096,
         batch_size: int = 4,
         learning_rate: float = 5e-5,
         head_learning_rate: float | None = 5e-4,
@@ -496,6 +498,7 @@ class MedSMILEPipeline:
             "hidden_dim": self.hidden_dim,
             "pixel_decoder_layers": self.pixel_decoder_layers,
             "feature_pyramid": self.feature_pyramid,
+            "mask_loss_points": self.mask_loss_points,
         }
 
     def _uses_token_cache(self) -> bool:
