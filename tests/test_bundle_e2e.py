@@ -321,6 +321,7 @@ def test_finetuned_encoder_feeds_every_later_stage(tiny_encoder, png_dataset, tm
         finetune_global_crop_size=56,
         finetune_local_crop_size=28,
         finetune_num_local_crops=1,
+        backbone_bf16=False,  # float32 features, compared below with float32 recomputations
     )
     finetuned = str(tmp_path / "run" / "encoder_finetuned")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

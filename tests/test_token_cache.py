@@ -142,3 +142,21 @@ def test_cached_round_predicts_what_the_image_round_predicts(png_dataset, tiny_e
     assert plain[:, 1].max() - plain[:, 1].min() > 0.1  # the trained network's map varies: the check means something
     assert np.abs(cached - plain).max() < 2e-2
     assert (cached.argmax(1) == plain.argmax(1)).mean() > 0.99
+
+
+def test_bf16_backbone_features_stay_close_to_float32(tiny_encoder):
+    from scripts.encoder import load_dinov2
+    from scripts.features import dinov2_features
+    from scripts.network import backbone_autocast, bf16_supported
+
+    encoder = load_dinov2(tiny_encoder)
+    images = torch.rand(2, 3, 56, 56)
+    patch32, glob32 = dinov2_features(encoder, images, [-3, -1], flip_average=True)
+    patch16, glob16 = dinov2_features(encoder, images, [-3, -1], flip_average=True, bf16=True)
+    assert patch16.dtype == torch.float32 and patch16.shape == patch32.shape
+    cosine = (patch16 * patch32).sum(1)  # both L2-normalised per cell
+    assert cosine.min() > 0.99
+    if bf16_supported("cpu"):
+        assert not torch.equal(patch16, patch32)  # bf16 did run
+    with backbone_autocast("cpu", enabled=False):
+        assert not torch.is_autocast_enabled("cpu")
