@@ -331,3 +331,17 @@ def test_failing_attempts_leave_a_finished_run_byte_identical(tiny_encoder, png_
     with pytest.raises(RuntimeError):
         run_medsmile(tiny_encoder, tmp_path, **inputs, num_rounds=1, device="cuda")
     assert folder_digest(tmp_path / "run", tmp_path / "models") == before
+
+
+# ------------------------------------------------------------------------------ 7. check scripts need no pytest
+def test_monailabel_check_runs_without_pytest_or_the_tests(tmp_path):
+    code = (
+        "import sys; sys.modules['pytest'] = None; sys.path.insert(0, 'benchmarks'); import monailabel_check as m; "
+        f"m.write_test_images({str(tmp_path / 'images')!r}); "
+        f"m._tiny().make_tiny_encoder({str(tmp_path / 'encoder')!r}); "
+        "assert 'conftest' not in sys.modules, 'the check imported the tests'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / "images")) == ["grey16.png", "grey8.png", "photo.jpg", "rgb_a.png", "rgb_b.png"]
+    assert (tmp_path / "encoder" / "config.json").is_file()
