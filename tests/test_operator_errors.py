@@ -345,3 +345,25 @@ def test_monailabel_check_runs_without_pytest_or_the_tests(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(os.listdir(tmp_path / "images")) == ["grey16.png", "grey8.png", "photo.jpg", "rgb_a.png", "rgb_b.png"]
     assert (tmp_path / "encoder" / "config.json").is_file()
+
+
+def test_the_hook_prints_one_line_and_the_traceback_only_when_asked(capsys, monkeypatch):
+    from scripts import errors
+
+    with pytest.raises(ValueError) as own:
+        MedSMILEPipeline(output_dir="x", model_path="m", epochs=0)
+    wrapped = RuntimeError("Failed to evaluate ConfigExpression")
+    wrapped.__cause__ = own.value
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # restored after the test
+    monkeypatch.setattr(logging.getLogger(), "level", logging.INFO)
+    monkeypatch.delenv(errors.TRACEBACK_ENV, raising=False)
+    errors.install_hook()  # as inference.json does: no log_level there
+    errors._hook(RuntimeError, wrapped, None)
+    assert (
+        capsys.readouterr().err
+        == "ERROR: epochs=0 must be a whole number >= 1 [MEDSMILE_TRACEBACK=1 shows the traceback]\n"
+    )
+    monkeypatch.setenv(errors.TRACEBACK_ENV, "1")
+    errors._hook(RuntimeError, wrapped, own.tb)
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.endswith("\nERROR: epochs=0 must be a whole number >= 1\n")

@@ -5,7 +5,8 @@
 bundle wrote (which file, which option, what to do) sits some 25 lines up a 70-line traceback. ``setup_logging``
 (the configs' ``logging`` expression) installs ``sys.excepthook`` handling: when the cause is an error the bundle
 raised on purpose, the output ends with that message as one line and the traceback is shown only at
-``--log_level DEBUG``; any other exception (a bug) keeps Python's full traceback. The exit status stays 1.
+``--log_level DEBUG`` (or with ``MEDSMILE_TRACEBACK=1``); any other exception (a bug) keeps Python's full
+traceback. The exit status stays 1.
 """
 
 from __future__ import annotations
@@ -41,21 +42,27 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+TRACEBACK_ENV = "MEDSMILE_TRACEBACK"  # set to 1: the traceback too, in configs without a log_level (inference.json)
+_hint = f"{TRACEBACK_ENV}=1"
+
+
 def _hook(exc_type, exc, tb, _previous=sys.excepthook) -> None:
     own = bundle_error(exc) if isinstance(exc, BaseException) else None
     if own is None:
         _previous(exc_type, exc, tb)
         return
-    debug = logging.getLogger().isEnabledFor(logging.DEBUG)
+    debug = logging.getLogger().isEnabledFor(logging.DEBUG) or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
     if debug:
         _previous(exc_type, exc, tb)
-    hint = "" if debug else " [--log_level DEBUG shows the traceback]"
+    hint = "" if debug else f" [{_hint} shows the traceback]"
     sys.stderr.write(f"ERROR: {one_line(own)}{hint}\n")
     sys.stderr.flush()
 
 
-def install_hook() -> None:
-    """Route uncaught exceptions through ``_hook`` (idempotent)."""
+def install_hook(hint: str = f"{TRACEBACK_ENV}=1") -> None:
+    """Route uncaught exceptions through ``_hook`` (idempotent); ``hint`` says how to see the traceback."""
+    global _hint
+    _hint = hint
     if sys.excepthook is not _hook:
         sys.excepthook = _hook
 
@@ -65,4 +72,4 @@ def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(
         level=getattr(logging, str(level).upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    install_hook()
+    install_hook("--log_level DEBUG")
