@@ -265,7 +265,9 @@ def test_evaluate_with_an_empty_prediction_folder_is_an_error(tmp_path):
 # ----------------------------------------------------------------------------------------------- 10. smaller points
 def test_empty_pool_folder_is_named(tmp_path):
     (tmp_path / "pool").mkdir()
-    with pytest.raises(ValueError, match=rf"dataset_dir {tmp_path / 'pool'} holds no image: searched recursively"):
+    with pytest.raises(
+        ValueError, match=rf"no images found in {tmp_path / 'pool'} \(dataset_dir\): searched recursively"
+    ):
         pool_sources(str(tmp_path / "pool"), None, exclude=[])
 
 

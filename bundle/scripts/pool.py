@@ -128,7 +128,7 @@ def pool_sources(
         sources = list_inputs(dataset_dir)
         if not sources:
             raise ValueError(
-                f"dataset_dir {os.path.abspath(dataset_dir)} holds no image: searched recursively for "
+                f"no images found in {os.path.abspath(dataset_dir)} (dataset_dir): searched recursively for "
                 f"{', '.join(IMAGE_SUFFIXES + NIFTI_SUFFIXES)}, DICOM files and DICOM series folders"
             )
     else:
