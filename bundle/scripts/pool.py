@@ -7,6 +7,7 @@ in RAM, or streamed to files as they are read (``pool_store``), so that RSS does
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import torch
 from monai.data import load_decathlon_datalist
 from monai.transforms import Resize
 
-from .image_io import Case, list_inputs, read_case
+from .image_io import IMAGE_SUFFIXES, NIFTI_SUFFIXES, Case, check_image_size, list_inputs, read_case
 from .pool_store import ArrayStore, RowCollector
 
 logger = logging.getLogger(__name__)
@@ -91,9 +92,10 @@ class ImagePool:
         for source in sources:
             try:
                 case, slices = read_case(source, slice_axis=slice_axis, dataset_root=dataset_root)
+                check_image_size(case)
             except ValueError as err:
                 if not skip_bad_inputs:
-                    raise
+                    raise ValueError(f"{err} (remove the file from the pool, or pass --skip_bad_inputs true)") from err
                 logger.warning("skipping bad input: %s", err)
                 skipped.append({"source": os.path.basename(source), "reason": str(err)})
                 continue
@@ -104,7 +106,8 @@ class ImagePool:
                 feats.append(to_uint8(resize_image(image, feature_size)))
                 trains.append(to_uint8(resize_image(image, train_size)))
         if not items:
-            raise ValueError(f"no readable images among {len(sources)} inputs")
+            where = f" in {dataset_root}" if dataset_root else ""
+            raise ValueError(f"no readable images among the {len(sources)} inputs{where}")
         names = [c.name for c in cases]
         if len(set(names)) != len(names):
             raise ValueError("two inputs map to the same output name; keep file names unique per folder")
@@ -123,7 +126,48 @@ def pool_sources(
         if not os.path.isdir(dataset_dir):
             raise ValueError(f"dataset_dir {dataset_dir} is not a folder")
         sources = list_inputs(dataset_dir)
+        if not sources:
+            raise ValueError(
+                f"no images found in {os.path.abspath(dataset_dir)} (dataset_dir): searched recursively for "
+                f"{', '.join(IMAGE_SUFFIXES + NIFTI_SUFFIXES)}, DICOM files and DICOM series folders"
+            )
     else:
         raise ValueError("give dataset_dir (a folder of images) or datalist (a MONAI datalist JSON)")
     excluded = {os.path.realpath(p) for p in exclude}
-    return [s for s in sources if os.path.realpath(s) not in excluded]
+    sources = [s for s in sources if os.path.realpath(s) not in excluded]
+    sources = _without_reference_copies(sources, exclude)
+    if not sources:
+        raise ValueError(f"no pool image left in {dataset_dir or datalist} once the reference images are taken out")
+    return sources
+
+
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _without_reference_copies(sources: list[str], references: list[str]) -> list[str]:
+    """Leave out pool files with a reference's exact content (a reference copied into the pool under another name
+    would otherwise be pseudo-labelled as an unlabelled image). Only files of a reference's byte size are hashed."""
+    by_size: dict[int, list[str]] = {}
+    for ref in references:
+        if os.path.isfile(ref):
+            by_size.setdefault(os.path.getsize(ref), []).append(ref)
+    if not by_size:
+        return sources
+    digests: dict[str, str] = {}
+    kept = []
+    for source in sources:
+        size = os.path.getsize(source) if os.path.isfile(source) else -1
+        twin = None
+        if size in by_size:
+            digest = _file_digest(source)
+            for ref in by_size[size]:
+                digests.setdefault(ref, _file_digest(ref))
+                if digests[ref] == digest:
+                    twin = ref
+        if twin is None:
+            kept.append(source)
+        else:
+            logger.warning("pool: %s has the same content as the reference %s: left out of the pool", source, twin)
+    return kept
