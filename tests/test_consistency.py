@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_OVERRIDES
@@ -283,3 +286,35 @@ def test_tiny_pipeline_in_consistency_mode_keeps_the_teachers(tiny_encoder, png_
     exported = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert all(torch.equal(exported[k], v) for k, v in teachers[-1].items())
     assert not (run / ".checkpoints").exists()
+
+
+def test_two_processes_train_a_consistency_round_like_one(tiny_encoder, png_dataset, tmp_path):
+    """torchrun, 2 CPU processes: each rank keeps the teacher of the DDP student (the same on both ranks, since DDP
+    keeps the students equal); the run ends with the single-process run's files, iteration counts and, within the
+    bound test_distributed.py measures for today's rounds, its labels."""
+    from PIL import Image
+    from test_distributed import medsmile_args, torchrun
+
+    common = {
+        **png_dataset["inputs"],
+        "export_torchscript": False,
+        "round_training": "consistency",
+        "consistency_pool_images": 4,  # 2 per rank, so CutMix pairs two images on each
+    }
+    one = tmp_path / "one"
+    run_medsmile(tiny_encoder, one, **common)
+    two = tmp_path / "two"
+    proc = torchrun(medsmile_args(tiny_encoder, two, common), 2, {**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (proc.stdout + proc.stderr).count("MedSMILE finished") == 1
+    summaries = [json.loads((d / "run" / "summary.json").read_text()) for d in (one, two)]
+    assert [s["processes"] for s in summaries] == [1, 2]
+    assert [r.get("training", {}).get("iterations") for r in summaries[1]["rounds"]] == [
+        r.get("training", {}).get("iterations") for r in summaries[0]["rounds"]
+    ]
+    for r in (1, 2):
+        assert (two / "run" / f"round_{r}" / "model.pt").is_file()
+        for path in sorted((one / "run" / f"round_{r}" / "labels").iterdir()):
+            a = np.asarray(Image.open(path))
+            b = np.asarray(Image.open(two / "run" / f"round_{r}" / "labels" / path.name))
+            assert (a == b).mean() >= 0.9, f"round {r} {path.name}: pixel agreement {(a == b).mean():.3f}"
