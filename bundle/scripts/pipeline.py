@@ -578,7 +578,8 @@ class MedSMILEPipeline:
 
     def _round(self, r: int, encoder_source, refs, pool, labels, feats, uncertainty) -> tuple[torch.Tensor, np.ndarray]:
         """Round r: train a new network on the previous round's labels, predict and refine the pool; returns the
-        new (labels, uncertainty)."""
+        new (labels, uncertainty). With ``round_training="consistency"`` the references join every batch and a
+        teacher learns from the pool too (consistency.py); the teacher then predicts and is the round's model."""
         if is_complete(self.output_dir, r):
             logger.info("round %d is complete: reusing it", r)
             return self._read_labels(r, pool), read_round_uncertainty(self.output_dir, r, len(pool))
