@@ -286,6 +286,10 @@ def test_tiny_pipeline_in_consistency_mode_keeps_the_teachers(tiny_encoder, png_
     exported = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert all(torch.equal(exported[k], v) for k, v in teachers[-1].items())
     assert not (run / ".checkpoints").exists()
+    summary = json.loads((run / "summary.json").read_text())
+    logged = summary["rounds"][1]["training"]["consistency_epochs"]
+    assert [e["epoch"] for e in logged] == [1, 2, 3]
+    assert all(0 <= e["confident_fraction"] <= 1 and e["loss_labelled"] > 0 for e in logged)
 
 
 def test_two_processes_train_a_consistency_round_like_one(tiny_encoder, png_dataset, tmp_path):

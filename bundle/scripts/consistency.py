@@ -189,11 +189,14 @@ class ConsistencyStep:
         )
         self.strong = strong_transform()
         self._unlabelled = None
+        self._sums: dict[str, float] = {}
+        self.epoch_means: list[dict] = []  # per epoch of this invocation: mean stream losses and confident fraction
 
     def attach(self, trainer: Engine) -> None:
         """Restart the pool stream at each epoch start (after ``train_round`` reseeds) and update the teacher after
         each step; call after ``train_round``'s own EPOCH_STARTED handler."""
         trainer.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
 
         def momentum(engine):
             engine.state.ema_momentum = teacher_momentum(engine.state.iteration, self.ema_momentum)
@@ -207,6 +210,11 @@ class ConsistencyStep:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(engine.state.epoch)
         self._unlabelled = iter(self.loader)
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        steps = self._sums.pop("steps", 1)
+        self.epoch_means.append({"epoch": engine.state.epoch, **{k: v / steps for k, v in self._sums.items()}})
+        self._sums = {}
 
     def _next_unlabelled(self) -> dict:
         """The next pool batch, the pool stream cycling when a round has more steps than it has batches."""
@@ -278,6 +286,9 @@ class ConsistencyStep:
             **{k: v.detach() for k, v in parts.items()},
             "confident_fraction": confident.float().mean(),
         }
+        for key in (*parts, "confident_fraction"):
+            self._sums[key] = self._sums.get(key, 0.0) + engine.state.output[key].item()
+        self._sums["steps"] = self._sums.get("steps", 0) + 1
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         loss.backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)

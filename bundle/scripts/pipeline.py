@@ -652,6 +652,7 @@ class MedSMILEPipeline:
         )
         if step is not None:  # the teacher predicts the pool and is the round's model
             network = step.finished_teacher()
+            train_info["consistency_epochs"] = step.epoch_means
         t_train = time.time() - t0
         predictions = predict_and_refine(
             network,
