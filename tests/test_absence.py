@@ -1,0 +1,101 @@
+"""Absence is a valid answer (issue 36): the presence rule of round 0, volume smoothing, empty pseudo-labels in
+training, metrics with empty images, and the demo's images without a blob."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from scripts.losses import Mask2FormerSemanticLoss
+from scripts.network import Mask2FormerDinov2
+from scripts.prototypes import (
+    foreground_margin,
+    presence_scores,
+    reference_presence_threshold,
+    smooth_presence,
+    soft_labels,
+    suppress_foreground,
+)
+
+
+def test_presence_score_is_the_best_cells_foreground_margin():
+    scores = torch.zeros(2, 3, 2, 2)  # C = 3: background, two foreground classes
+    scores[0, 0] = torch.tensor([[0.5, 0.2], [0.1, 0.3]])
+    scores[0, 1] = torch.tensor([[0.1, 0.3], [0.0, 0.1]])  # margins -0.4, 0.1, -0.1, -0.2
+    scores[0, 2] = torch.tensor([[0.0, 0.0], [0.4, 0.0]])  # margins -0.5, -0.2, 0.3, -0.3
+    scores[1, 0] = 1.0  # background wins everywhere by 1
+    assert foreground_margin(scores)[0].flatten().tolist() == pytest.approx([-0.4, 0.1, 0.3, -0.2])
+    assert presence_scores(scores).tolist() == pytest.approx([0.3, -1.0])
+
+
+def test_reference_threshold_is_a_quantile_of_the_reference_background_margins():
+    scores = torch.zeros(2, 2, 4)  # (C, h, w) of one reference view: margin = scores[1] - scores[0]
+    scores[1] = torch.tensor([[0.0, 0.1, 0.2, 0.9], [0.3, 0.4, 0.8, 0.7]])
+    label = torch.zeros(4, 8, dtype=torch.long)  # 2x upsampled grid; the last column of cells is foreground
+    label[:, 6:] = 1
+    # background cells' margins: 0, 0.1, 0.2, 0.3, 0.4, 0.8; quantile 0.5 (linear) = (0.2 + 0.3) / 2
+    assert reference_presence_threshold([scores], [label], 0.5) == pytest.approx(0.25)
+    assert reference_presence_threshold([scores], [label], 1.0) == pytest.approx(0.8)
+
+
+def test_volume_smoothing_drops_a_lone_slice_and_keeps_2d_images():
+    presence = torch.tensor([0.0, 0.9, 0.0, 0.0, 0.5, 0.6, 0.7, 0.1, 0.8])
+    cases = [0, 0, 0, 0, 1, 1, 1, 2, 3]  # case 0: a lone bright slice; case 1: a run; 2, 3: single 2-D images
+    out = smooth_presence(presence, cases)
+    # case 0 medians of (0,0,0.9), (0,0.9,0), (0.9,0,0), (0,0,0) (edges repeated): the lone 0.9 is gone
+    assert out[:4].tolist() == [0.0, 0.0, 0.0, 0.0]
+    # case 1 medians of (0.5,0.5,0.6), (0.5,0.6,0.7), (0.6,0.7,0.7): a monotone run is kept
+    assert out[4:7].tolist() == pytest.approx([0.5, 0.6, 0.7])
+    assert out[7:].tolist() == pytest.approx([0.1, 0.8])
+
+
+def test_an_absent_image_loses_every_pixel_to_the_background_after_upsampling():
+    torch.manual_seed(0)
+    scores = torch.randn(2, 3, 4, 4)
+    scores[:, 1] += 1.0  # foreground wins many cells of both images
+    out = suppress_foreground(scores, torch.tensor([True, False]))
+    labels = soft_labels(out, (17, 23)).argmax(1)
+    assert (labels[0] == 0).all()
+    assert torch.equal(out[1], scores[1]) and (soft_labels(scores[1:], (17, 23)).argmax(1) == labels[1]).all()
+    assert (labels[1] > 0).any()
+
+
+def test_mask2former_loss_learns_an_all_background_label(tiny_encoder):
+    """An image whose pseudo-label holds only background trains the network towards predicting nothing there."""
+    torch.manual_seed(0)
+    net = Mask2FormerDinov2(2, tiny_encoder, hidden_dim=32, num_queries=4, decoder_layers=1, pixel_decoder_layers=1)
+    loss_fn = Mask2FormerSemanticLoss(net)
+    x = torch.rand(2, 3, 56, 56) * 0.2 + 0.8
+    label = torch.zeros(2, 1, 56, 56, dtype=torch.long)
+    label[0, :, 10:30, 10:30] = 1
+    x[0, :, 10:30, 10:30] = 0  # image 0 shows a dark object; image 1 shows none and is labelled all background
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(40):
+        loss = loss_fn(net(x), label)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and min(losses[-5:]) < 0.6 * losses[0]
+    net.eval()
+    with torch.no_grad():
+        pred = net(x).argmax(1)
+    assert (pred[1] == 0).float().mean() > 0.99  # absence learnt
+    assert (pred[0, 10:30, 10:30] == 1).float().mean() > 0.5  # and the object still found
+
+
+def test_demo_data_has_images_without_the_blob(tmp_path):
+    from PIL import Image
+
+    from scripts.demo_data import EMPTY_EVERY, make_demo_data
+
+    info = make_demo_data(str(tmp_path / "demo"), num_images=8, size=64)
+    for i in range(1, 9):
+        mask = np.asarray(Image.open(tmp_path / "demo" / "masks" / f"demo_{i:03d}.png"))
+        assert mask.any() == (i % EMPTY_EVERY != 0), i
+    assert np.asarray(Image.open(info["reference_label"])).any()
