@@ -3,6 +3,7 @@ training, metrics with empty images, and the demo's images without a blob."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -99,3 +100,65 @@ def test_demo_data_has_images_without_the_blob(tmp_path):
         mask = np.asarray(Image.open(tmp_path / "demo" / "masks" / f"demo_{i:03d}.png"))
         assert mask.any() == (i % EMPTY_EVERY != 0), i
     assert np.asarray(Image.open(info["reference_label"])).any()
+
+
+def disc_volume(rng: np.random.Generator, size: int, slices: int, present: set[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(size, size, slices) int16 volume: bright noisy tissue with a dark disc (radius size/4) on the ``present``
+    slices and a smaller dark spot (radius size/5, not the structure: the mask leaves it out) on the others; and
+    the mask."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    volume = 800 + rng.normal(0, 40, (size, size, slices))
+    mask = np.zeros((size, size, slices), dtype=np.uint8)
+    for k in range(slices):
+        radius = size / 4 if k in present else size / 5
+        disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < radius**2
+        volume[..., k][disc] = 100 + rng.normal(0, 20, disc.sum())
+        mask[..., k] = disc * (k in present)
+    return volume.astype(np.int16), mask
+
+
+def test_a_volume_comes_back_empty_on_the_slices_without_the_structure(tiny_encoder, tmp_path):
+    """NIfTI in, NIfTI out: round 0 with ``presence_threshold`` labels every slice without the disc all background
+    and keeps foreground on the slices that show it; the written labels keep the volume's geometry. The plain
+    argmax (off) labels the smaller look-alike spot of the other slices foreground."""
+    import nibabel as nib
+    from test_bundle_e2e import run_medsmile
+
+    rng = np.random.default_rng(0)
+    affine = np.diag([0.7, 0.7, 3.0, 1.0])
+    present = {3, 4, 5}
+    volume, _ = disc_volume(rng, 56, 9, present)
+    (tmp_path / "data").mkdir()
+    nib.save(nib.Nifti1Image(volume, affine), str(tmp_path / "data" / "case.nii.gz"))
+    ref, ref_mask = disc_volume(rng, 56, 1, {0})
+    (tmp_path / "ref").mkdir()
+    nib.save(nib.Nifti1Image(ref, affine), str(tmp_path / "ref" / "ref.nii.gz"))
+    nib.save(nib.Nifti1Image(ref_mask, affine), str(tmp_path / "ref" / "ref_label.nii.gz"))
+    common = {
+        "dataset_dir": str(tmp_path / "data"),
+        "reference_image": str(tmp_path / "ref" / "ref.nii.gz"),
+        "reference_label": str(tmp_path / "ref" / "ref_label.nii.gz"),
+        "num_rounds": 0,
+    }
+    found = {}
+    for name, threshold in (("argmax", "null"), ("absence", 0.99)):
+        run_medsmile(tiny_encoder, tmp_path / name, presence_threshold=threshold, **common)
+        written = nib.load(tmp_path / name / "run" / "round_0" / "labels" / "case.nii.gz")
+        assert written.shape == (56, 56, 9)
+        np.testing.assert_allclose(written.affine, affine, atol=1e-5)
+        labels = np.asarray(written.dataobj)
+        found[name] = {k for k in range(9) if labels[..., k].any()}
+        summary = json.loads((tmp_path / name / "run" / "summary.json").read_text())
+        found[name + "_absent"] = summary["rounds"][0].get("absent_images")
+    assert found["argmax"] - present  # the plain argmax puts foreground on slices without the disc
+    assert found["absence"] == present and found["absence_absent"] == 6
+    assert found["argmax_absent"] is None
+
+
+@pytest.mark.parametrize("value", [0, 1.5, -0.1])
+def test_presence_threshold_must_be_a_quantile(value, tmp_path):
+    from scripts.pipeline import MedSMILEPipeline
+
+    with pytest.raises(ValueError, match=rf"presence_threshold={value} must be null or a quantile in \(0, 1\]"):
+        MedSMILEPipeline(output_dir=str(tmp_path), model_path=str(tmp_path / "m.pt"), presence_threshold=value)
+    assert MedSMILEPipeline(str(tmp_path), str(tmp_path / "m.pt"), presence_threshold="null").presence_threshold is None
