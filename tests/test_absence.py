@@ -162,3 +162,33 @@ def test_presence_threshold_must_be_a_quantile(value, tmp_path):
     with pytest.raises(ValueError, match=rf"presence_threshold={value} must be null or a quantile in \(0, 1\]"):
         MedSMILEPipeline(output_dir=str(tmp_path), model_path=str(tmp_path / "m.pt"), presence_threshold=value)
     assert MedSMILEPipeline(str(tmp_path), str(tmp_path / "m.pt"), presence_threshold="null").presence_threshold is None
+
+
+def test_small_reference_warning_names_the_fraction_and_k_shot():
+    from scripts.prototypes import SMALL_REFERENCE_FRACTION, small_reference_warning
+
+    small = torch.zeros(20, 20, dtype=torch.long)
+    small[0, :3] = 1  # 3 of 400 pixels: 0.75 %
+    message = small_reference_warning([small], 2)
+    assert message is not None and "class 1 covers 0.75%" in message
+    assert f"below {SMALL_REFERENCE_FRACTION:.0%}" in message and "K-shot" in message
+    large = torch.zeros(20, 20, dtype=torch.long)
+    large[:5, :5] = 1  # 6.25 %
+    assert small_reference_warning([large], 2) is None
+    assert small_reference_warning([small, large], 2) is None  # K-shot: one large reference is enough
+    three = large.clone()
+    three[10, 10] = 2  # class 2: 1 pixel, 0.25 %
+    assert "class 2 covers 0.25%" in small_reference_warning([three], 3)
+
+
+def test_pipeline_warns_about_a_small_reference(tiny_encoder, png_dataset, tmp_path, caplog):
+    from PIL import Image
+    from test_bundle_e2e import run_medsmile
+
+    mask = np.zeros((48, 64), dtype=np.uint8)
+    mask[20:22, 30:32] = 255  # 4 of 3072 pixels
+    Image.fromarray(mask).save(tmp_path / "small.png")
+    inputs = {**png_dataset["inputs"], "reference_label": str(tmp_path / "small.png")}
+    with caplog.at_level("WARNING", logger="scripts.pipeline"):
+        run_medsmile(tiny_encoder, tmp_path / "out", num_rounds=0, **inputs)
+    assert any("class 1 covers 0.13%" in r.getMessage() and "K-shot" in r.getMessage() for r in caplog.records)

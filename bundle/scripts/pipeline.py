@@ -49,6 +49,7 @@ from .prototypes import (
     refit_on_pool,
     rotated_views,
     sample_cells,
+    small_reference_warning,
     smooth_presence,
     soft_labels,
     suppress_foreground,
@@ -341,6 +342,9 @@ class MedSMILEPipeline:
             feats = np.load(os.path.join(r0_dir, "global_features.npy"))
             return self._read_labels(0, pool), feats, read_round_uncertainty(self.output_dir, 0, len(pool))
         t0 = time.time()
+        warning = small_reference_warning([label for _, label, _ in refs], self.num_classes)
+        if warning:
+            logger.warning("%s", warning)
         classifier = self._round0_classifier(encoder, refs, pool)
         n, size, grid = len(pool), self.image_size, self.feature_image_size // encoder.config.patch_size
         scores = self._store.create("round0_scores", (n, self.num_classes, grid, grid), torch.float32)

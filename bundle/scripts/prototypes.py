@@ -94,6 +94,33 @@ def soft_labels(scores: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return up.softmax(dim=1)
 
 
+# ---------------------------------------------------------------- reference guidance
+SMALL_REFERENCE_FRACTION = 0.01  # measured in benchmarks/results/round0_variants.md ("reference size")
+
+
+def small_reference_warning(labels: Sequence[torch.Tensor], num_classes: int) -> str | None:
+    """A warning when a foreground class covers less than ``SMALL_REFERENCE_FRACTION`` of its image in every
+    reference (label maps (H, W)), else None.
+
+    Why: a class that covers a few token cells gives a prototype made of a handful of patches, mostly its border
+    with the background; below this fraction round-0 labels were measured to collapse on the benchmark pools.
+    Another labelled image (K-shot) adds cells to the prototype."""
+    small = []
+    for c in range(1, num_classes):
+        largest = max(float((label == c).float().mean()) for label in labels)
+        if largest < SMALL_REFERENCE_FRACTION:
+            small.append(f"class {c} covers {largest:.2%}")
+    if not small:
+        return None
+    return (
+        f"the reference's labelled structure is small ({', '.join(small)} of the image, below "
+        f"{SMALL_REFERENCE_FRACTION:.0%}): round-0 labels from references this small were measured to collapse "
+        "(benchmarks/results/round0_variants.md). Label one of the next suggestions of `run suggest` "
+        "(suggestions/ranking.csv) that shows the structure large and clear too, and give both as reference_image / "
+        "reference_label lists (K-shot)"
+    )
+
+
 # ---------------------------------------------------------------- absence (``presence_threshold``)
 def foreground_margin(scores: torch.Tensor) -> torch.Tensor:
     """(B, h, w) best foreground score minus the background score of (B, C, h, w) class scores."""

@@ -44,6 +44,7 @@ from .demo_data import make_demo_data
 from .encoder import load_dinov2, resolve_encoder
 from .features import dinov2_features
 from .pool import ImagePool, pool_sources
+from .prototypes import SMALL_REFERENCE_FRACTION
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,11 @@ RANKING_FILE = "ranking.csv"
 PREVIEW_FILE = "preview.png"
 SUMMARY_FILE = "summary.json"
 DEFAULT_COVERAGE_WEIGHT = 0.0  # see the module docstring
+REFERENCE_ADVICE = (
+    "label the top suggestion that shows the structure; if the structure covers less than "
+    f"{SMALL_REFERENCE_FRACTION:.0%} of that image, round-0 labels from it were measured to collapse: label one of "
+    "the next suggestions that shows it larger too and give both as references (K-shot)"
+)
 RANKING_COLUMNS = ("rank", "image", "score", "medoid_similarity", "patch_coverage", "source", "slice")
 
 
@@ -322,7 +328,9 @@ def suggest_references(
         },
         "encoder": source.provenance,
         "timings_s": {"load": t_load, "features": t_feat, "total": time.time() - t0},
+        "advice": REFERENCE_ADVICE,
     }
     write_json_atomic(os.path.join(out, SUMMARY_FILE), summary)
     logger.info("suggested references (best first): %s; ranking: %s", ", ".join(captions[:5]), ranking)
+    logger.warning("%s", REFERENCE_ADVICE)
     return ranking
