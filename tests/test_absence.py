@@ -138,11 +138,10 @@ def test_a_volume_comes_back_empty_on_the_slices_without_the_structure(tiny_enco
         "dataset_dir": str(tmp_path / "data"),
         "reference_image": str(tmp_path / "ref" / "ref.nii.gz"),
         "reference_label": str(tmp_path / "ref" / "ref_label.nii.gz"),
-        "num_rounds": 0,
     }
     found = {}
-    for name, threshold in (("argmax", "null"), ("absence", 0.99)):
-        run_medsmile(tiny_encoder, tmp_path / name, presence_threshold=threshold, **common)
+    for name, threshold, rounds in (("argmax", "null", 0), ("absence", 0.99, 1)):
+        run_medsmile(tiny_encoder, tmp_path / name, presence_threshold=threshold, num_rounds=rounds, **common)
         written = nib.load(tmp_path / name / "run" / "round_0" / "labels" / "case.nii.gz")
         assert written.shape == (56, 56, 9)
         np.testing.assert_allclose(written.affine, affine, atol=1e-5)
@@ -153,6 +152,8 @@ def test_a_volume_comes_back_empty_on_the_slices_without_the_structure(tiny_enco
     assert found["argmax"] - present  # the plain argmax puts foreground on slices without the disc
     assert found["absence"] == present and found["absence_absent"] == 6
     assert found["argmax_absent"] is None
+    # round 1 trains on every slice, the 6 all-background ones included, plus the reference
+    assert summary["rounds"][1]["trained_on"] == 9 + 1
 
 
 @pytest.mark.parametrize("value", [0, 1.5, -0.1])
