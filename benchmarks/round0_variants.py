@@ -260,6 +260,14 @@ VARIANTS = {
         **BUNDLE_FEATURES,
         "presence": ("ref_bg", 1.0),
     },
+    "absence: image empty unless a cell beats the reference's pure background q0.99": {
+        **BUNDLE_FEATURES,
+        "presence": ("ref_bg_pure", 0.99),
+    },
+    "absence: image empty unless a cell beats the reference's pure background max": {
+        **BUNDLE_FEATURES,
+        "presence": ("ref_bg_pure", 1.0),
+    },
     "absence: image empty unless a cell beats the reference's foreground q0.1": {
         **BUNDLE_FEATURES,
         "presence": ("ref_fg", 0.1),
@@ -507,13 +515,16 @@ def evaluate(feats: dict, split: dict, data_root: str, variant: dict) -> dict:
     pool_scores = [score_map(feature(item)[None]) for item in split["pool"]]
     absent = [False] * len(pool_scores)
     if variant.get("presence"):
+        rule, param = variant["presence"]
+        # "pure": a reference cell is background only if none of its pixels is foreground (area resize), so the
+        # cells on the lesion's border, half lesion, do not set the bar
+        mode = "area" if rule.endswith("_pure") else "nearest"
         ref_margins = [
-            (score_map(f[None])[0], F.interpolate(label[None, None].float(), size=f.shape[-2:], mode="nearest")[0, 0])
+            (score_map(f[None])[0], F.interpolate(label[None, None].float(), size=f.shape[-2:], mode=mode)[0, 0])
             for f, label in zip(view_features[: len(refs)], view_labels[: len(refs)], strict=True)
         ]
-        rule, param = variant["presence"]
         threshold = presence_threshold(
-            rule,
+            rule.removesuffix("_pure"),
             param,
             torch.cat([foreground_margin(s[None])[0][g == 0] for s, g in ref_margins]),
             torch.cat([foreground_margin(s[None])[0][g > 0] for s, g in ref_margins]),
