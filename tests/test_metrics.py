@@ -113,9 +113,56 @@ def test_evaluate_folders_writes_metrics_and_csv(folders, tmp_path):
     with open(out / "per_image.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["image"] for r in rows] == ["a", "sub/b"]
-    assert list(rows[0]) == ["image", "dice_c1", "iou_c1", "mean_dice", "mean_iou"]
+    assert list(rows[0]) == ["image", "dice_c1", "iou_c1", "mean_dice", "mean_iou", "truth_empty", "pred_empty"]
+    assert [(r["truth_empty"], r["pred_empty"]) for r in rows] == [("0", "0"), ("1", "1")]
     assert float(rows[0]["dice_c1"]) == pytest.approx(2 / 3) and float(rows[0]["iou_c1"]) == pytest.approx(0.5)
     assert float(rows[1]["mean_dice"]) == 1.0 and float(rows[1]["mean_iou"]) == 1.0
+
+
+def test_empty_truth_is_reported_apart(folders, tmp_path):
+    """a: Dice 2/3 (truth and prediction non-empty); sub/b: both empty; c: empty truth, foreground predicted (Dice 0);
+    d: non-empty truth, nothing predicted (Dice 0)."""
+    pred, truth = folders
+    _png(truth / "c.png", np.zeros((2, 3)))
+    _png(pred / "c_seg.png", PRED)
+    _png(truth / "d.png", TRUTH * 255)
+    _png(pred / "d_seg.png", np.zeros((2, 3)))
+    m = evaluate_folders(str(pred), str(truth), pred_suffix="_seg")
+    assert m["mean_dice"] == pytest.approx((2 / 3 + 1 + 0 + 0) / 4)  # the empty-empty pair counts 1 here
+    assert m["nonempty_dice"] == pytest.approx((2 / 3 + 0) / 2)  # a and d only
+    assert m["num_empty_truth"] == 2 and m["num_nonempty_truth"] == 2
+    assert m["specificity"] == pytest.approx(1 / 2)  # b predicted empty, c not
+    assert m["sensitivity"] == pytest.approx(1 / 2)  # a found, d missed
+    assert "true negative" in m["empty_pair_rule"] and "left out of nonempty_dice" in m["empty_pair_rule"]
+    assert "num_volumes" not in m
+
+
+def test_presence_rates_without_empty_truth_are_none():
+    from scripts.metrics import presence_summary
+
+    s = presence_summary([{"dice": [0.5]}, {"dice": [1.0]}], [(True, True), (True, False)])
+    assert s["specificity"] is None and s["sensitivity"] == pytest.approx(0.5)
+    assert s["nonempty_dice"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="2 score entries but 1 presence"):
+        presence_summary([{"dice": [0.5]}, {"dice": [1.0]}], [(True, True)])
+
+
+def test_volumes_get_volume_dice_and_slice_presence(tmp_path):
+    import nibabel as nib
+
+    truth = np.zeros((4, 4, 5), dtype=np.uint8)  # 5 slices along the last axis; the structure on slices 1 and 2
+    truth[1:3, 1:3, 1:3] = 1  # 8 voxels
+    pred = np.zeros_like(truth)
+    pred[1:3, 1:3, 2] = 1  # 4 voxels, all inside: Dice 2 * 4 / (8 + 4) = 2/3
+    pred[0, 0, 4] = 1  # one voxel on slice 4, which holds no structure: Dice 2 * 4 / (8 + 5) = 8/13
+    for folder, array in (("t", truth), ("p", pred)):
+        os.makedirs(tmp_path / folder)
+        nib.save(nib.Nifti1Image(array, np.eye(4)), str(tmp_path / folder / "case.nii.gz"))
+    m = evaluate_folders(str(tmp_path / "p"), str(tmp_path / "t"))
+    assert m["num_volumes"] == 1 and m["mean_volume_dice"] == pytest.approx(8 / 13) == m["mean_dice"]
+    # slices: truth present on 1, 2; predicted on 2, 4 -> empty truth (0, 3, 4): 0 and 3 predicted empty
+    assert m["slice_count"] == 5 and m["slice_nonempty_count"] == 2
+    assert m["slice_specificity"] == pytest.approx(2 / 3) and m["slice_sensitivity"] == pytest.approx(1 / 2)
 
 
 def test_evaluate_folders_three_classes_no_suffix(tmp_path):
@@ -176,6 +223,8 @@ def test_evaluate_rounds(tmp_path):
     assert [q["round"] for q in quality] == [0, 1]
     assert quality[0]["mean_dice"] == pytest.approx(2 / 3) and quality[1]["mean_dice"] == 1.0
     assert quality[0]["num_missing"] == 1 and quality[0]["num_predictions_without_truth"] == 1
+    assert quality[0]["nonempty_dice"] == pytest.approx(2 / 3) and quality[0]["sensitivity"] == 1.0
+    assert quality[0]["specificity"] is None and quality[0]["num_empty_truth"] == 0  # no empty truth to count
     with open(run / "label_quality.json") as f:
         assert json.load(f) == quality
 
@@ -195,4 +244,6 @@ def test_evaluate_config(folders, tmp_path):
     with open(out / "metrics.json") as f:
         metrics = json.load(f)
     assert metrics["num_images"] == 2 and metrics["mean_dice"] == pytest.approx(5 / 6)
+    assert metrics["nonempty_dice"] == pytest.approx(2 / 3)  # the empty-empty pair sub/b is left out
+    assert metrics["specificity"] == 1.0 and metrics["sensitivity"] == 1.0
     assert (out / "per_image.csv").is_file()

@@ -94,3 +94,33 @@ def test_spectral_regions_take_the_vote_of_their_cells():
     # "and": the object side (right) keeps only its cells the prototypes call foreground
     out = spectral_scores(_two_clusters(), _scores_from_margin(margin), "bipartition", "and")
     assert torch.equal(out.argmax(1)[0], right * (margin > 0).long())
+
+
+def test_presence_thresholds_by_hand():
+    from benchmarks.round0_variants import presence_threshold
+
+    background = torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4])
+    foreground = torch.tensor([0.5, 0.7, 0.9])
+    assert float(presence_threshold("ref_bg", 0.5, background, foreground, None)) == pytest.approx(0.2)
+    assert float(presence_threshold("ref_bg", 1.0, background, foreground, None)) == pytest.approx(0.4)
+    assert float(presence_threshold("ref_fg", 0.5, background, foreground, None)) == pytest.approx(0.7)
+    assert float(presence_threshold("ref_mid", None, background, foreground, None)) == pytest.approx((0.2 + 0.7) / 2)
+    # Otsu of two tight groups: the split falls at the top of the lower group
+    pool = torch.tensor([0.0, 0.01, 0.02, 0.5, 0.51, 0.52])
+    assert float(presence_threshold("pool_otsu", None, background, foreground, pool)) == pytest.approx(0.02)
+    with pytest.raises(ValueError, match="unknown presence rule 'nope'"):
+        presence_threshold("nope", None, background, foreground, pool)
+
+
+def test_reference_size_table_bins_by_foreground_fraction():
+    from benchmarks.round0_variants import size_table
+
+    rows = [
+        {"fraction": 0.003, "nonempty_dice": 0.1},
+        {"fraction": 0.05, "nonempty_dice": 0.4},
+        {"fraction": 0.06, "nonempty_dice": 0.6},
+    ]
+    lines = size_table(rows, "x")  # median of 0.1, 0.4, 0.6 = 0.4
+    assert lines[0] == "| x | 0-0.5 % | 1 | 0.100 (0.25) |"
+    assert lines[4] == "| x | 4-8 % | 2 | 0.500 (1.25) |"
+    assert lines[1] == "| x | 0.5-1 % | 0 | - |"

@@ -123,6 +123,8 @@ def test_demo_pool_is_ranked_when_no_dataset_is_given(tiny_encoder, tmp_path):
     rows = read_ranking(path)
     assert len(rows) == 5 and all(r["image"].startswith("demo_") for r in rows)
     assert os.path.isdir(tmp_path / "demo_data" / "images")  # the folder the pipeline's demo run would use
+    advice = json.loads((tmp_path / "suggestions" / "summary.json").read_text())["advice"]
+    assert "2%" in advice and "K-shot" in advice  # the measured reference size below which round 0 collapses
 
 
 def test_empty_or_missing_dataset_names_the_folder(tiny_encoder, tmp_path):

@@ -1,4 +1,5 @@
-"""A GENERATED demo set for the bare bundle command: textured "tissue" with one blob-shaped "lesion" per image.
+"""A GENERATED demo set for the bare bundle command: textured "tissue" with one blob-shaped "lesion" per image,
+except every ``EMPTY_EVERY``-th pool image, which shows tissue only (empty mask): absence is a valid answer.
 
 It exists so that ``python -m monai.bundle run --config_file configs/medsmile.json`` works offline on a fresh
 machine with no data. It is synthetic, not medical data, and says so in its folder name and in the run summary.
@@ -12,7 +13,8 @@ import os
 import numpy as np
 from PIL import Image
 
-DEMO_NOTE = "generated demo data (synthetic textured images with one blob each), not medical images"
+DEMO_NOTE = "generated demo data (synthetic textured images with one blob each, every 4th without), not medical images"
+EMPTY_EVERY = 4  # pool images demo_004, demo_008, ... show no blob (the reference always shows one)
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, scale: int) -> np.ndarray:
@@ -21,8 +23,9 @@ def _smooth_noise(rng: np.random.Generator, size: int, scale: int) -> np.ndarray
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
-def demo_image(rng: np.random.Generator, size: int = 160) -> tuple[np.ndarray, np.ndarray]:
-    """One RGB uint8 image (size, size, 3) and its binary mask: pinkish tissue, a darker red blob."""
+def demo_image(rng: np.random.Generator, size: int = 160, lesion: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """One RGB uint8 image (size, size, 3) and its binary mask: pinkish tissue, a darker red blob (none, and an
+    empty mask, when ``lesion`` is false; the random draws are the same either way)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     cy, cx = rng.uniform(0.3, 0.7, 2) * size
     ry, rx = rng.uniform(0.12, 0.25, 2) * size
@@ -31,7 +34,7 @@ def demo_image(rng: np.random.Generator, size: int = 160) -> tuple[np.ndarray, n
     u = (dx * np.cos(angle) + dy * np.sin(angle)) / rx
     v = (-dx * np.sin(angle) + dy * np.cos(angle)) / ry
     wobble = 1 + 0.15 * np.sin(3 * np.arctan2(v, u) + rng.uniform(0, 6))
-    mask = (u**2 + v**2) < wobble**2
+    mask = ((u**2 + v**2) < wobble**2) & lesion
     tissue = np.stack([0.85, 0.55, 0.5]) * (0.7 + 0.3 * _smooth_noise(rng, size, 8))[..., None]
     lesion = np.stack([0.6, 0.2, 0.2]) * (0.6 + 0.4 * _smooth_noise(rng, size, 4))[..., None]
     image = np.where(mask[..., None], lesion, tissue) + rng.normal(0, 0.03, (size, size, 3))
@@ -77,7 +80,10 @@ def make_demo_data(folder: str, num_images: int = 24, size: int = 160, seed: int
     for sub in ("images", "masks", "reference"):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
     for i in range(num_images + 1):
-        image, mask = demo_image(rng, size) if num_classes == 2 else demo_image_classes(rng, size, num_classes)
+        if num_classes == 2:
+            image, mask = demo_image(rng, size, lesion=i == 0 or i % EMPTY_EVERY != 0)
+        else:
+            image, mask = demo_image_classes(rng, size, num_classes)
         sub, name = ("reference", "reference") if i == 0 else ("images", f"demo_{i:03d}")
         Image.fromarray(image).save(os.path.join(folder, sub, f"{name}.png"))
         mask_dir = "reference" if i == 0 else "masks"

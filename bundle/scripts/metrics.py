@@ -14,6 +14,13 @@ Conventions (the same everywhere in this module):
   two-valued ``{0, k}`` mask. For ``C > 2`` a ``{0, 2}`` map keeps meaning "only class 2 present". A JPEG mask with
   ``C = 2`` (lossy: grey values around the edges) is foreground where its value is > 127. Anything else out of
   range is an error.
+- Images whose truth is empty (no foreground class; BUSI's normal scans, volume slices without the structure) make
+  ``mean_dice`` depend on how many there are. So :func:`presence_summary` also reports ``nonempty_dice`` (mean Dice
+  over images whose truth is not empty) and image-level ``specificity`` (empty truth predicted empty) and
+  ``sensitivity`` (non-empty truth predicted non-empty). An empty-empty pair scores Dice 1 in ``mean_dice``, is left
+  out of ``nonempty_dice``, and counts as a true negative in ``specificity`` (:data:`EMPTY_PAIR_RULE`).
+- A 3-D label file (a volume) is one image of the means above: its Dice is the per-volume Dice. Its slices along
+  ``slice_axis`` are also counted for presence (``slice_specificity`` / ``slice_sensitivity``).
 """
 
 from __future__ import annotations
@@ -42,6 +49,10 @@ LOSSY_SUFFIXES = (".jpg", ".jpeg")
 METRICS_FILE = "metrics.json"
 PER_IMAGE_FILE = "per_image.csv"
 LABEL_QUALITY_FILE = "label_quality.json"
+EMPTY_PAIR_RULE = (
+    "an image whose truth and prediction are both empty scores Dice 1 in mean_dice, is left out of nonempty_dice "
+    "(only images whose truth is not empty count there), and counts as a true negative in specificity"
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -102,6 +113,47 @@ def summarize(per_image: Sequence[dict], num_classes: int) -> dict:
         },
         "num_images": len(per_image),
     }
+
+
+def presence_rates(present: Sequence[tuple[bool, bool]]) -> dict:
+    """Image-level presence from (truth has foreground, prediction has foreground) pairs: ``specificity`` (empty
+    truths predicted empty / empty truths), ``sensitivity`` (non-empty truths predicted non-empty / non-empty
+    truths), each None where there is nothing to count, and ``num_empty_truth`` / ``num_nonempty_truth``."""
+    empty_truth = [p for t, p in present if not t]
+    found = [p for t, p in present if t]
+    return {
+        "specificity": float(np.mean([not p for p in empty_truth])) if empty_truth else None,
+        "sensitivity": float(np.mean(found)) if found else None,
+        "num_empty_truth": len(empty_truth),
+        "num_nonempty_truth": len(found),
+    }
+
+
+def presence_summary(per_image: Sequence[dict], present: Sequence[tuple[bool, bool]]) -> dict:
+    """Dice on images whose truth is not empty, and image-level presence counts (:func:`presence_rates`).
+
+    Args:
+        per_image: :func:`segmentation_scores` results; present: per image, (truth has foreground, prediction has
+            foreground), any foreground class.
+    Returns:
+        ``nonempty_dice`` (mean over images with non-empty truth of the per-image mean Dice; None if there is none),
+        :func:`presence_rates`'s keys and ``empty_pair_rule``.
+    """
+    if len(per_image) != len(present):
+        raise ValueError(f"{len(per_image)} score entries but {len(present)} presence entries")
+    nonempty = [float(np.mean(s["dice"])) for s, (t, _) in zip(per_image, present, strict=True) if t]
+    return {
+        "nonempty_dice": float(np.mean(nonempty)) if nonempty else None,
+        **presence_rates(present),
+        "empty_pair_rule": EMPTY_PAIR_RULE,
+    }
+
+
+def slice_presence(pred: np.ndarray, truth: np.ndarray, slice_axis: int = 2) -> list[tuple[bool, bool]]:
+    """Per slice of a 3-D label pair along ``slice_axis``: (truth has foreground, prediction has foreground)."""
+    t = np.moveaxis(np.asarray(truth) > 0, slice_axis, 0).reshape(truth.shape[slice_axis], -1).any(1)
+    p = np.moveaxis(np.asarray(pred) > 0, slice_axis, 0).reshape(pred.shape[slice_axis], -1).any(1)
+    return list(zip(t.tolist(), p.tolist(), strict=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -197,6 +249,7 @@ def _same_shape(pred: np.ndarray, truth: np.ndarray, pred_path: str, truth_path:
 def _write_per_image(path: str, rows: Sequence[tuple[str, dict]], num_classes: int) -> None:
     classes = range(1, num_classes)
     header = ["image", *(f"dice_c{c}" for c in classes), *(f"iou_c{c}" for c in classes), "mean_dice", "mean_iou"]
+    header += ["truth_empty", "pred_empty"]
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
@@ -204,6 +257,7 @@ def _write_per_image(path: str, rows: Sequence[tuple[str, dict]], num_classes: i
         for key, s in rows:
             writer.writerow(
                 [key, *s["dice"], *s["iou"], float(np.mean(s["dice"])), float(np.mean(s["iou"]))]  # full precision
+                + [int(not s["truth_present"]), int(not s["pred_present"])]
             )
     os.replace(tmp, path)
 
@@ -215,6 +269,7 @@ def evaluate_folders(
     output_dir: str | None = None,
     pred_suffix: str = "",
     allow_missing: bool = False,
+    slice_axis: int = 2,
 ) -> dict:
     """Dice / IoU of every label file in ``pred_dir`` against its ground truth in ``truth_dir``.
 
@@ -229,7 +284,9 @@ def evaluate_folders(
 
     Writes ``output_dir/metrics.json`` (the returned dict) and ``output_dir/per_image.csv`` when ``output_dir`` is
     given. Returns ``{"mean_dice", "mean_iou", "per_class", "num_images", "num_classes", "pred_dir", "truth_dir",
-    "pred_suffix", "missing", "num_predictions_without_truth"}``.
+    "pred_suffix", "missing", "num_predictions_without_truth"}`` plus :func:`presence_summary`'s keys; with 3-D
+    files also ``num_volumes``, ``mean_volume_dice`` (mean Dice of the 3-D files) and ``slice_specificity`` /
+    ``slice_sensitivity`` / ``slice_nonempty_count`` (presence of their slices along ``slice_axis``).
     """
     if truth_dir is None:
         raise ValueError("truth_dir is required: the folder of ground-truth label files")
@@ -249,15 +306,33 @@ def evaluate_folders(
             f"no prediction in {pred_dir} matches a truth file in {truth_dir} (pred_suffix={pred_suffix!r})"
         )
 
-    rows = []
+    rows, volume_dice, slices = [], [], []
     for key, pred_path, truth_path in pairs:
         truth_map = _read(truth_path, num_classes)
         pred_map = _same_shape(_read(pred_path, num_classes), truth_map, pred_path, truth_path)
-        rows.append((key, segmentation_scores(pred_map, truth_map, num_classes)))
+        scores = segmentation_scores(pred_map, truth_map, num_classes)
+        rows.append((key, {**scores, "truth_present": bool(truth_map.any()), "pred_present": bool(pred_map.any())}))
+        if truth_map.ndim == 3 and min(truth_map.shape) > 1:  # a volume: its Dice is the per-volume Dice
+            volume_dice.append(float(np.mean(scores["dice"])))
+            slices += slice_presence(pred_map, truth_map, slice_axis)
 
     used = {p for _, p, _ in pairs}
+    per_image = [s for _, s in rows]
+    volumes = {}
+    if volume_dice:
+        by_slice = presence_rates(slices)
+        volumes = {
+            "num_volumes": len(volume_dice),
+            "mean_volume_dice": float(np.mean(volume_dice)),
+            "slice_specificity": by_slice["specificity"],
+            "slice_sensitivity": by_slice["sensitivity"],
+            "slice_nonempty_count": by_slice["num_nonempty_truth"],
+            "slice_count": len(slices),
+        }
     metrics = {
-        **summarize([s for _, s in rows], num_classes),
+        **summarize(per_image, num_classes),
+        **presence_summary(per_image, [(s["truth_present"], s["pred_present"]) for s in per_image]),
+        **volumes,
         "num_classes": num_classes,
         "pred_dir": os.path.abspath(pred_dir),
         "truth_dir": os.path.abspath(truth_dir),
@@ -272,6 +347,14 @@ def evaluate_folders(
         metrics["mean_iou"],
         pred_dir,
         truth_dir,
+    )
+    logger.info(
+        "non-empty truth: %d images, Dice %s; empty truth: %d images, predicted empty: %s; (%s)",
+        metrics["num_nonempty_truth"],
+        metrics["nonempty_dice"],
+        metrics["num_empty_truth"],
+        metrics["specificity"],
+        EMPTY_PAIR_RULE,
     )
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
@@ -290,8 +373,8 @@ def evaluate_rounds(run_dir: str, truth_dir: str, num_classes: int = 2) -> list[
 
     Each round's ``labels/`` folder is scored against ``truth_dir`` (pseudo-labels without truth, and truth without
     pseudo-label, are skipped and counted). Writes ``run_dir/label_quality.json`` and returns its list, one entry per
-    round in order: ``{"round", "mean_dice", "mean_iou", "per_class", "num_images", "num_missing",
-    "num_predictions_without_truth"}``.
+    round in order: ``{"round", "mean_dice", "mean_iou", "per_class", "num_images", "nonempty_dice", "specificity",
+    "sensitivity", "num_empty_truth", "num_missing", "num_predictions_without_truth"}``.
     """
     rounds = []
     for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
@@ -309,6 +392,7 @@ def evaluate_rounds(run_dir: str, truth_dir: str, num_classes: int = 2) -> list[
             {
                 "round": r,
                 **{k: metrics[k] for k in ("mean_dice", "mean_iou", "per_class", "num_images")},
+                **{k: metrics[k] for k in ("nonempty_dice", "specificity", "sensitivity", "num_empty_truth")},
                 "num_missing": len(metrics["missing"]),
                 "num_predictions_without_truth": metrics["num_predictions_without_truth"],
             }

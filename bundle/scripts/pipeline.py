@@ -44,12 +44,17 @@ from .prototypes import (
     class_prototypes,
     fit_linear_probe,
     foreground_contrast_scores,
+    presence_scores,
     prototype_scores,
     reference_cells,
+    reference_presence_threshold,
     refit_on_pool,
     rotated_views,
     sample_cells,
+    small_reference_warning,
+    smooth_presence,
     soft_labels,
+    suppress_foreground,
 )
 from .refinement import mark_uncertain_pixels, mean_pixel_entropy, most_certain
 from .report import write_report
@@ -89,6 +94,7 @@ ADDED_OPTIONS = {
     "foreground_contrast": None,
     "head_learning_rate": None,
     "ignore_uncertain_pixels": 0.0,
+    "presence_threshold": None,
     "reference_repeats": 1,
     "reference_rotations": False,
     "round0_classifier": "prototypes",
@@ -138,7 +144,7 @@ BOOLEAN_KEYS = (
 
 # Numbers that may be switched off with null. On the command line MONAI drops ``--key None`` (the default stays) and
 # passes ``--key null`` as the text "null", so that text is read as null here.
-OPTIONAL_NUMBER_KEYS = ("head_learning_rate", "foreground_contrast")
+OPTIONAL_NUMBER_KEYS = ("head_learning_rate", "foreground_contrast", "presence_threshold")
 
 
 def as_optional_number(name: str, value) -> float | None:
@@ -269,7 +275,11 @@ OPTION_RULES = {
     "demo_images": _whole(2),
 }
 # null allowed (the option is then off)
-OPTIONAL_RULES = {"head_learning_rate": _number(0), "foreground_contrast": _number(0, low_open=False)}
+OPTIONAL_RULES = {
+    "head_learning_rate": _number(0),
+    "foreground_contrast": _number(0, low_open=False),
+    "presence_threshold": _number(0, 1, high_open=False),  # a quantile
+}
 
 
 def check_device(device) -> str:
@@ -335,6 +345,7 @@ class MedSMILEPipeline:
         feature_layers: list[int] | tuple[int, ...] = (-5, -3, -1),
         flip_average: bool = True,
         foreground_contrast: float | None = None,
+        presence_threshold: float | None = None,
         round0_classifier: str = "prototypes",
         reference_rotations: bool = False,
         image_size: int = 224,
@@ -518,6 +529,9 @@ class MedSMILEPipeline:
             feats = np.load(os.path.join(r0_dir, "global_features.npy"))
             return self._read_labels(0, pool), feats, read_round_uncertainty(self.output_dir, 0, len(pool))
         t0 = time.time()
+        warning = small_reference_warning([label for _, label, _ in refs], self.num_classes)
+        if warning:
+            logger.warning("%s", warning)
         classifier = self._round0_classifier(encoder, refs, pool)
         n, size, grid = len(pool), self.image_size, self.feature_image_size // encoder.config.patch_size
         scores = self._store.create("round0_scores", (n, self.num_classes, grid, grid), torch.float32)
@@ -525,6 +539,7 @@ class MedSMILEPipeline:
         feats = np.zeros((n, encoder.config.hidden_size), dtype=np.float32)
         uncertainty = np.zeros(n, dtype=np.float64)  # mean pixel entropy of the soft labels, on every rank
         foreground = np.zeros(n, dtype=np.int64)  # foreground pixels per image at the training size
+        presence = torch.zeros(n)  # per image, its best cell's foreground margin (presence_threshold)
         done = 0
         for batch in distributed.shard_loader(RowItems(pool.feature_images), self.batch_size):  # this rank's share
             patch, glob = self._features(encoder, batch["image"].float().div(255))
@@ -532,6 +547,7 @@ class MedSMILEPipeline:
             batch_scores = foreground_contrast_scores(batch_scores, self.foreground_contrast)
             index, batch_scores, glob = distributed.gather(batch["index"].to(self.device), batch_scores, glob)
             index, batch_scores = index.cpu(), batch_scores.cpu()
+            presence[index] = presence_scores(batch_scores)
             feats[index.numpy()] = glob.cpu().numpy()
             soft = soft_labels(batch_scores, (size, size))
             uncertainty[index.numpy()] = mean_pixel_entropy(soft).double().numpy()
@@ -543,6 +559,12 @@ class MedSMILEPipeline:
             done = min(done + len(index), n)
             logger.info("round 0 features: %d/%d images", done, n)
         t_feat = time.time() - t0
+        absent = self._absent_images(encoder, refs, classifier, presence, pool)
+        if absent is not None and distributed.is_main() and absent.any():
+            rows = torch.nonzero(absent).flatten()
+            scores[rows] = suppress_foreground(scores[rows], torch.ones(len(rows), dtype=torch.bool))
+            labels[rows] = 0  # all background, none ignored: the image-level decision is the label
+            foreground[rows.numpy()] = 0
         if not distributed.is_main():
             return self._store.sync(labels), feats, uncertainty
         partial = begin_round(self.output_dir, 0)
@@ -559,12 +581,41 @@ class MedSMILEPipeline:
             "round": 0,
             "images": len(pool),
             "foreground_fraction": int(foreground.sum()) / (n * size * size),
+            **({"absent_images": int(absent.sum())} if absent is not None else {}),
             "timings_s": {"features": t_feat, "total": time.time() - t0},
             "label_files": files,
         }
         finish_round(self.output_dir, 0, partial, record)
         self._record_round(record)
         return self._store.sync(labels), feats, uncertainty
+
+    def _absent_images(self, encoder, refs, classifier, presence: torch.Tensor, pool: ImagePool):
+        """(N,) bool: the pool images round 0 labels all background (``presence_threshold``), or None when off.
+
+        An image is absent when its presence score (best cell's foreground margin), median-smoothed over each
+        volume's neighbouring slices, does not beat the ``presence_threshold`` quantile of the references' own
+        background-cell margins (scripts.prototypes.reference_presence_threshold); every rank computes the same."""
+        if self.presence_threshold is None:
+            return None
+        views = [(image, label) for image, label, _ in refs]
+        if self.reference_rotations:
+            views = [view for image, label in views for view in rotated_views(image, label)]
+        ref_scores = []
+        for image, _ in views:
+            patch, _ = self._features(encoder, resize_image(image, self.feature_image_size)[None])
+            ref_scores.append(foreground_contrast_scores(classifier(patch), self.foreground_contrast)[0].cpu())
+        threshold = reference_presence_threshold(ref_scores, [label for _, label in views], self.presence_threshold)
+        smoothed = smooth_presence(presence, [item.case for item in pool.items])
+        absent = smoothed <= threshold
+        logger.info(
+            "round 0: %d of %d images labelled all background (best-cell margin <= %.4f, the %.2f quantile of the "
+            "reference's background cells)",
+            int(absent.sum()),
+            len(absent),
+            threshold,
+            self.presence_threshold,
+        )
+        return absent
 
     def _round0_classifier(self, encoder, refs, pool: ImagePool):
         """(B, D, h, w) patch features -> (B, C, h, w) round-0 class scores, from the reference(s).

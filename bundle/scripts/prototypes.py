@@ -95,6 +95,95 @@ def soft_labels(scores: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return up.softmax(dim=1)
 
 
+# ---------------------------------------------------------------- reference guidance
+SMALL_REFERENCE_FRACTION = 0.02  # measured in benchmarks/results/round0_variants.md ("Reference size")
+
+
+def small_reference_warning(labels: Sequence[torch.Tensor], num_classes: int) -> str | None:
+    """A warning when a foreground class covers less than ``SMALL_REFERENCE_FRACTION`` of its image in every
+    reference (label maps (H, W)), else None.
+
+    Why: a class that covers a few token cells gives a prototype made of a handful of patches, mostly its border
+    with the background. Every Kvasir pool image as the reference in turn: below 2 % the round-0 Dice was about a
+    quarter lower than the median reference's and 2 of 10 such references fell under half of it (BUSI and ISIC
+    references that small did not lose). Another labelled image (K-shot) adds cells to the prototype."""
+    small = []
+    for c in range(1, num_classes):
+        largest = max(float((label == c).float().mean()) for label in labels)
+        if largest < SMALL_REFERENCE_FRACTION:
+            small.append(f"class {c} covers {largest:.2%}")
+    if not small:
+        return None
+    return (
+        f"the reference's labelled structure is small ({', '.join(small)} of the image, below "
+        f"{SMALL_REFERENCE_FRACTION:.0%}): on the benchmark's Kvasir pools such references gave round-0 labels about a "
+        "quarter worse and 2 of 10 collapsed (benchmarks/results/round0_variants.md). Label one of the next "
+        "suggestions of `run suggest` "
+        "(suggestions/ranking.csv) that shows the structure large and clear too, and give both as reference_image / "
+        "reference_label lists (K-shot)"
+    )
+
+
+# ---------------------------------------------------------------- absence (``presence_threshold``)
+def foreground_margin(scores: torch.Tensor) -> torch.Tensor:
+    """(B, h, w) best foreground score minus the background score of (B, C, h, w) class scores."""
+    return scores[:, 1:].amax(1) - scores[:, 0]
+
+
+def presence_scores(scores: torch.Tensor) -> torch.Tensor:
+    """(B,) how strongly each image shows a foreground class: its largest foreground-minus-background margin."""
+    return foreground_margin(scores).flatten(1).amax(1)
+
+
+def reference_presence_threshold(
+    reference_scores: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], quantile: float
+) -> float:
+    """The margin a pool image's best cell must pass to count as showing the structure: the ``quantile`` of the
+    margins of the references' own background cells (label resized to the score grid, nearest).
+
+    Why: round 0's argmax labels some cells foreground in every image. The reference is the one image whose cells are
+    known: an image whose most lesion-like cell is no more lesion-like than (nearly) all of the reference's background
+    holds no lesion that round 0 can find. Measured in benchmarks/results/round0_variants.md.
+
+    Args:
+        reference_scores: per reference view, its (C, h, w) class scores (after ``foreground_contrast_scores``);
+        labels: per view, its (H, W) label map.
+    """
+    background = []
+    for scores, label in zip(reference_scores, labels, strict=True):
+        grid = F.interpolate(label[None, None].float(), size=scores.shape[-2:], mode="nearest")[0, 0]
+        background.append(foreground_margin(scores[None])[0][grid == 0])
+    return float(torch.quantile(torch.cat(background).float(), quantile))
+
+
+def smooth_presence(presence: torch.Tensor, cases: Sequence[int], window: int = 3) -> torch.Tensor:
+    """Per-image presence scores (N,) with each volume's slices median-filtered along the slice axis.
+
+    ``cases``: the case (volume) of each image, its slices in order and next to each other (``ImagePool.items``).
+    A 2-D image (a case of one slice) keeps its score. Why: neighbouring slices of a volume show the structure or
+    not together; a median over ``window`` slices drops a lone slice that flickers on (or off) and keeps the slice
+    where the structure starts or ends (a median filter keeps monotone runs)."""
+    out = presence.clone()
+    cases = torch.as_tensor(list(cases))
+    half = window // 2
+    for case in torch.unique(cases):
+        index = torch.nonzero(cases == case).flatten()
+        if len(index) < 2:
+            continue
+        values = presence[index]
+        padded = torch.cat([values[:1].repeat(half), values, values[-1:].repeat(half)])  # edge slices repeat
+        out[index] = padded.unfold(0, window, 1).median(1).values
+    return out
+
+
+def suppress_foreground(scores: torch.Tensor, absent: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) scores in which images flagged ``absent`` (B,) lose every cell to the background: each foreground
+    score is capped just below the background's, which bilinear upsampling keeps (it is linear), so the argmax is
+    background everywhere while the other images' scores stay as they were."""
+    capped = torch.minimum(scores[:, 1:], scores[:, :1] - 1e-3)
+    return torch.where(absent.view(-1, 1, 1, 1), torch.cat([scores[:, :1], capped], dim=1), scores)
+
+
 # ---------------------------------------------------------------- linear-probe round 0 (``round0_classifier``)
 ROUND0_CLASSIFIERS = ("prototypes", "linear_probe")
 PROBE_WEIGHT_DECAY = 0.1  # on the squared weights (features scaled to components of order 1); chosen among 1e-4..1
