@@ -21,6 +21,8 @@ import glob
 import json
 import os
 import platform
+import shlex
+import sys
 import time
 
 import numpy as np
@@ -70,8 +72,12 @@ def foreground_dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def label_agreement(old_run: str, new_run: str) -> dict:
     """Mean per-image foreground Dice between the round-1 label files of two runs over the same pool."""
-    old_files = sorted(glob.glob(os.path.join(old_run, "round_1", "labels", "*")))
-    names = [os.path.basename(f) for f in old_files]
+    old_labels = os.path.join(old_run, "round_1", "labels")
+    names = sorted(
+        os.path.relpath(f, old_labels) for f in glob.glob(os.path.join(old_labels, "**", "*"), recursive=True)
+    )
+    names = [n for n in names if os.path.isfile(os.path.join(old_labels, n))]
+    old_files = [os.path.join(old_labels, n) for n in names]
     new_files = [os.path.join(new_run, "round_1", "labels", n) for n in names]
     missing = [f for f in new_files if not os.path.isfile(f)]
     if not old_files or missing:
@@ -106,6 +112,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--set", nargs="*", default=[], help="key=value overrides for both paths (JSON values)")
     parser.add_argument("--sequential", action="store_true", help="one run after the other, all threads each")
+    parser.add_argument("--note", default="", help="what the JSON should say about how these runs were made")
     args = parser.parse_args(argv)
     data_root, work = os.path.abspath(args.data_root), os.path.abspath(args.work_dir)
     common = {"num_rounds": 1, "export_torchscript": False, "seed": args.seed}
@@ -116,7 +123,8 @@ def main(argv=None) -> dict:
         except json.JSONDecodeError:
             common[key] = value
     split = choose_split(data_root, args.dataset, args.seed, args.pool_size, None)
-    result = {"command": "python -m benchmarks.speed " + " ".join(argv or []), "dataset": args.dataset}
+    given = sys.argv[1:] if argv is None else argv
+    result = {"command": "python -m benchmarks.speed " + shlex.join(given), "dataset": args.dataset}
     result.update(pool_size=len(split["pool"]), reference=list(split["reference"]), profile=args.profile)
     if not args.sequential:
         os.environ["OMP_NUM_THREADS"] = "1"  # read by each run's torch; the two runs share the cores evenly
@@ -133,6 +141,8 @@ def main(argv=None) -> dict:
             result[name] = timed
             print(name, json.dumps(timed, indent=1), flush=True)
     result["mode"] = "sequential, all threads" if args.sequential else "concurrent, one thread each"
+    if args.note:
+        result["note"] = args.note
     result["ratio"] = result["new"]["round_total_s"] / result["old"]["round_total_s"]
     result["train_per_iteration_ratio"] = (
         result["new"]["train_per_iteration_s"] / result["old"]["train_per_iteration_s"]
