@@ -160,7 +160,7 @@ def test_a_volume_comes_back_empty_on_the_slices_without_the_structure(tiny_enco
 def test_presence_threshold_must_be_a_quantile(value, tmp_path):
     from scripts.pipeline import MedSMILEPipeline
 
-    with pytest.raises(ValueError, match=rf"presence_threshold={value} must be null or a number in \(0, 1\]"):
+    with pytest.raises(ValueError, match=rf"presence_threshold={float(value)} must be null or a number in \(0, 1\]"):
         MedSMILEPipeline(output_dir=str(tmp_path), model_path=str(tmp_path / "m.pt"), presence_threshold=value)
     assert MedSMILEPipeline(str(tmp_path), str(tmp_path / "m.pt"), presence_threshold="null").presence_threshold is None
 
