@@ -26,8 +26,8 @@ from benchmarks.paper import BUNDLE  # noqa: F401  (puts bundle/ on sys.path)
 from scripts.atomic_files import write_json_atomic
 from scripts.consistency import ConsistencyStep, teacher_momentum
 from scripts.encoder import resolve_encoder
-from scripts.network import Mask2FormerDinov2, bf16_supported
-from scripts.token_cache import TOKEN_VIEWS, TokenHead, fill_token_views, token_training_transform
+from scripts.network import Mask2FormerDinov2, WithQueryOutputs, bf16_supported
+from scripts.token_cache import TOKEN_VIEWS, fill_token_views, token_training_transform
 from scripts.training import build_loss, build_optimizer, training_items
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "consistency_cost.json")
@@ -38,7 +38,7 @@ class _Engine:
     """What a step reads from a SupervisedTrainer (the events are no-ops here)."""
 
     def __init__(self, network, loss):
-        self.network = TokenHead(network)
+        self.network = WithQueryOutputs(network, tokens=True)
         self.optimizer = build_optimizer(network, 5e-5, 5e-4, 0.01, freeze_backbone=True)
         self.loss_function = loss
         self.optim_set_to_none = True

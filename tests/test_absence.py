@@ -77,7 +77,7 @@ def test_mask2former_loss_learns_an_all_background_label(tiny_encoder):
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     losses = []
     for _ in range(40):
-        loss = loss_fn(net(x), label)
+        loss = loss_fn(net(x, with_queries=True), label)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -27,9 +27,9 @@ from scripts.consistency import (
     teacher_momentum,
 )
 from scripts.losses import Mask2FormerSemanticLoss
-from scripts.network import Mask2FormerDinov2
+from scripts.network import Mask2FormerDinov2, WithQueryOutputs
 from scripts.pipeline import MedSMILEPipeline
-from scripts.token_cache import TOKEN_VIEWS, TokenHead, fill_token_views, token_training_transform
+from scripts.token_cache import TOKEN_VIEWS, fill_token_views, token_training_transform
 from scripts.training import train_round, training_items
 
 SIZE = 56
@@ -161,12 +161,12 @@ def test_set_loss_of_rows_of_a_shared_forward_is_the_loss_of_those_images_alone(
     _, labels, tokens = tiny_pool(network)
     grids, y = tokens[:4, 0].float(), labels[:4, None].long()
     loss = Mask2FormerSemanticLoss(network)
-    pred = network.forward_tokens(grids)
+    pred, queries = network.forward_tokens(grids, with_queries=True)
     torch.manual_seed(0)  # the set loss samples random mask points: the same ones in both
-    shared = loss(pred[1:3], y[1:3], rows=slice(1, 3))
-    alone_pred = network.forward_tokens(grids[1:3])
+    shared = loss((pred[1:3], queries), y[1:3], rows=slice(1, 3))
+    alone = network.forward_tokens(grids[1:3], with_queries=True)
     torch.manual_seed(0)
-    alone = loss(alone_pred, y[1:3])
+    alone = loss(alone, y[1:3])
     torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-5)
 
 
@@ -179,7 +179,7 @@ def test_step_sums_the_streams_with_their_weights_and_puts_the_reference_in_ever
     engine = Engine(step)
     engine.register_events(*IterationEvents)  # what a SupervisedTrainer has
     engine.state.device = torch.device("cpu")
-    engine.network = TokenHead(network)
+    engine.network = WithQueryOutputs(network, tokens=True)
     engine.optimizer = torch.optim.SGD(network.parameters(), lr=0.0)
     engine.optim_set_to_none = True
     engine.loss_function = Mask2FormerSemanticLoss(network)

@@ -19,7 +19,7 @@ def test_semantic_to_instances_lists_the_classes_present():
 
 
 @pytest.mark.parametrize("ignore_band, bootstrap", [(False, 0.0), (True, 0.0), (False, 0.3)])
-def test_set_loss_needs_a_training_forward_and_decreases(tiny_encoder, ignore_band, bootstrap):
+def test_set_loss_needs_the_query_outputs_and_decreases(tiny_encoder, ignore_band, bootstrap):
     torch.manual_seed(0)
     net = Mask2FormerDinov2(2, tiny_encoder, hidden_dim=32, num_queries=4, decoder_layers=1, pixel_decoder_layers=1)
     loss_fn = Mask2FormerSemanticLoss(net, bootstrap=bootstrap)
@@ -29,18 +29,13 @@ def test_set_loss_needs_a_training_forward_and_decreases(tiny_encoder, ignore_ba
     x[:, :, 10:30, 10:30] = 0  # the object is dark: learnable
     if ignore_band:
         label[:, :, 8:12, :] = IGNORE_LABEL  # a band across the object's edge, left out of the loss
-    net.eval()
-    pred = net(x)
-    try:
-        loss_fn(pred, label)
-        raise AssertionError("an eval-mode forward must not feed the training loss")
-    except RuntimeError as err:
-        assert "training mode" in str(err)
+    with pytest.raises(TypeError, match=r"needs \(log_probs, query outputs\)"):
+        loss_fn(net(x), label)  # log-probabilities alone: no per-query outputs to match
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     losses = []
     for _ in range(30):
-        loss = loss_fn(net(x), label)
+        loss = loss_fn(net(x, with_queries=True), label)
         opt.zero_grad()
         loss.backward()
         opt.step()

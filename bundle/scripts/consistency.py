@@ -264,12 +264,12 @@ class ConsistencyStep:
         inputs = torch.cat([ref_x, pseudo_x, strong, perturbed])
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        pred = engine.network(inputs)
+        pred, queries = engine.network(inputs)  # network.WithQueryOutputs (under DDP)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         rows = np.cumsum([0, n_ref, n_pseudo, n_pool, n_pool])
         parts = {
-            "loss_labelled": self._supervised(engine, pred, ref_y, slice(rows[0], rows[1])),
-            "loss_pseudo": self._supervised(engine, pred, pseudo_y, slice(rows[1], rows[2])),
+            "loss_labelled": self._supervised(engine, (pred, queries), ref_y, slice(rows[0], rows[1])),
+            "loss_pseudo": self._supervised(engine, (pred, queries), pseudo_y, slice(rows[1], rows[2])),
             "loss_strong": confident_cross_entropy(pred[rows[2] : rows[3]], strong_target, strong_confident),
             "loss_perturbed": confident_cross_entropy(pred[rows[3] : rows[4]], target, confident),
         }
@@ -297,11 +297,13 @@ class ConsistencyStep:
         return engine.state.output
 
     @staticmethod
-    def _supervised(engine: Engine, pred: torch.Tensor, label: torch.Tensor, rows: slice) -> torch.Tensor:
-        """The round's loss (``training.build_loss``) on ``rows`` of the step's one forward; 0 for no rows."""
+    def _supervised(engine: Engine, pred: tuple, label: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The round's loss (``training.build_loss``) on ``rows`` of the step's one forward, ``pred`` its
+        (log_probs, per-query outputs); 0 for no rows."""
+        log_probs, queries = pred
         if rows.stop == rows.start:
-            return pred.sum() * 0.0
+            return log_probs.sum() * 0.0
         loss = engine.loss_function
         if isinstance(loss, Mask2FormerSemanticLoss):
-            return loss(pred[rows], label, rows=rows)
-        return loss(pred[rows], label)
+            return loss((log_probs[rows], queries), label, rows=rows)
+        return loss(log_probs[rows], label)

@@ -43,6 +43,8 @@ class SemanticDiceCELoss(nn.Module):
         self.dice = MaskedDiceLoss(softmax=True)
 
     def forward(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        if isinstance(pred, (tuple, list)):  # (log_probs, query outputs) of network.WithQueryOutputs
+            pred = pred[0]
         label = label[:, 0].long()
         valid = label != IGNORE_LABEL
         if not valid.any():
@@ -78,9 +80,11 @@ def semantic_to_instances(
 
 
 class Mask2FormerSemanticLoss(nn.Module):
-    """``loss(pred, label)`` for a SupervisedTrainer: Mask2Former's set loss of the network's last training forward
-    (weights from its config: class 2, mask 5, dice 5, no-object 0.1) + ``semantic_weight`` x CE + Dice on ``pred``;
-    ``bootstrap`` mixes the network's own detached prediction into both (module docstring)."""
+    """``loss(pred, label)`` for a SupervisedTrainer whose network is ``network.WithQueryOutputs``: ``pred`` is
+    ``(log_probs, per-query outputs)`` of one forward; Mask2Former's set loss of those outputs (weights from its
+    config: class 2, mask 5, dice 5, no-object 0.1) + ``semantic_weight`` x CE + Dice on the log-probabilities;
+    ``bootstrap`` mixes the network's own detached prediction into both (module docstring). ``network`` gives the
+    set-loss criterion and the class count."""
 
     def __init__(self, network: nn.Module, semantic_weight: float = 1.0, bootstrap: float = 0.0):
         super().__init__()
@@ -89,13 +93,15 @@ class Mask2FormerSemanticLoss(nn.Module):
         self.semantic = SemanticDiceCELoss(network.num_classes, bootstrap)  # checks bootstrap
         self.bootstrap = self.semantic.bootstrap
 
-    def forward(self, pred: torch.Tensor, label: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
-        """``rows``: ``pred`` and ``label`` are these rows of the last forward's batch (a forward shared by several
-        streams, consistency.py); Mask2Former's outputs are per image, so this is the loss of a forward of them alone.
-        """
-        out = self.network.last_query_outputs
-        if out is None:
-            raise RuntimeError("Mask2FormerSemanticLoss needs the network's forward in training mode first")
+    def forward(self, pred: tuple, label: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """``rows``: the log-probabilities and ``label`` are these rows of the forward's batch, whose per-query outputs
+        ``pred`` holds whole (a forward shared by several streams, consistency.py); Mask2Former's outputs are per
+        image, so this is the loss of a forward of them alone."""
+        if not isinstance(pred, (tuple, list)) or len(pred) != 2:
+            raise TypeError(
+                "Mask2FormerSemanticLoss needs (log_probs, query outputs): train network.WithQueryOutputs(network)"
+            )
+        pred, out = pred
         if rows is not None:
             out = query_output_rows(out, rows)
         m2f = self.network.mask2former

@@ -223,25 +223,41 @@ class Mask2FormerDinov2(nn.Module):
         with backbone_autocast(x.device, bf16):
             return self.pyramid.tokens((x - self.mean) / self.std).float()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, with_queries: bool = False):
+        """Log-probabilities (B, C, H, W); ``with_queries`` also returns Mask2Former's per-query outputs of the same
+        pass (with the auxiliary layers), which its set loss reads (losses.py), as ``(log_probs, outputs)``."""
         self._check_size(*x.shape[-2:])
-        return self._segment((x - self.mean) / self.std, x.shape[-2:])
+        return self._segment((x - self.mean) / self.std, x.shape[-2:], with_queries)
 
-    def forward_tokens(self, grid: torch.Tensor) -> torch.Tensor:
+    def forward_tokens(self, grid: torch.Tensor, with_queries: bool = False):
         """``forward`` of the images whose ``backbone_tokens`` are ``grid``: the backbone is not run."""
-        return self._segment(grid, (grid.shape[-2] * self.patch_size, grid.shape[-1] * self.patch_size))
+        size = (grid.shape[-2] * self.patch_size, grid.shape[-1] * self.patch_size)
+        return self._segment(grid, size, with_queries)
 
-    def _segment(self, pixel_values: torch.Tensor, size) -> torch.Tensor:
+    def _segment(self, pixel_values: torch.Tensor, size, with_queries: bool = False):
         h, w = size
-        out = self.mask2former(pixel_values=pixel_values, output_auxiliary_logits=self.training)
-        # Mask2Former's own set loss needs the per-query outputs of this very forward (see losses.py)
-        self.last_query_outputs = out if self.training else None
+        out = self.mask2former(pixel_values=pixel_values, output_auxiliary_logits=with_queries)
         class_probs = out.class_queries_logits.softmax(dim=-1)[..., :-1]  # drop the "no object" class
         mask_probs = out.masks_queries_logits.sigmoid()
         semantic = torch.einsum("bqc,bqhw->bchw", class_probs, mask_probs)
         semantic = nn.functional.interpolate(semantic, size=(h, w), mode="bilinear", align_corners=False)
         semantic = semantic.clamp_min(1e-6)
-        return torch.log(semantic / semantic.sum(dim=1, keepdim=True))
+        log_probs = torch.log(semantic / semantic.sum(dim=1, keepdim=True))
+        return (log_probs, out) if with_queries else log_probs
+
+
+class WithQueryOutputs(nn.Module):
+    """The network as a trainer sees it: ``(log_probs, per-query outputs)`` of one pass, from images or, with
+    ``tokens``, from cached token grids; so the set loss is computed from the outputs it is given, and DDP wraps the
+    module whose forward the loss differentiates."""
+
+    def __init__(self, network: Mask2FormerDinov2, tokens: bool = False):
+        super().__init__()
+        self.network = network
+        self.tokens = tokens
+
+    def forward(self, x: torch.Tensor):
+        return (self.network.forward_tokens if self.tokens else self.network)(x, with_queries=True)
 
 
 def _mask2former_config(**kwargs) -> Mask2FormerConfig:

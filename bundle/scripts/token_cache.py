@@ -89,7 +89,7 @@ def token_training_transform() -> Compose:
 
 
 class TokenHead(nn.Module):
-    """The network from cached token grids (``Mask2FormerDinov2.forward_tokens``), for MONAI engines and DDP.
+    """The network's prediction from cached token grids (``Mask2FormerDinov2.forward_tokens``), for an evaluator.
 
     Input (B, D, h, w): one view. Input (B, V, D, h, w) with the views of ``TOKEN_VIEWS``: the mean class
     probability of the views, each mirrored back (as ``FlipAveragingInferer`` on images), as log-probabilities."""

@@ -34,6 +34,7 @@ from . import distributed
 from .handlers import GradientClipHandler, KNNRefinementHandler, PixelEntropyHandler, RoundPredictions
 from .inferers import FlipAveragingInferer
 from .losses import Mask2FormerSemanticLoss, SemanticDiceCELoss
+from .network import WithQueryOutputs
 from .pool_store import RowItems
 from .token_cache import TokenHead, token_training_transform
 
@@ -177,7 +178,7 @@ def train_round(
         max_epochs=epochs,
         train_data_loader=loader,
         # DDP under torchrun; checkpoints hold the bare network
-        network=distributed.wrap_model(TokenHead(network) if token_views else network),
+        network=distributed.wrap_model(WithQueryOutputs(network, tokens=token_views)),
         optimizer=optimizer,
         loss_function=build_loss(loss, network, bootstrap_targets),
         inferer=SimpleInferer(),
