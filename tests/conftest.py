@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from benchmarks.tiny_bundle import TINY_OVERRIDES, blob_image, make_tiny_encoder, write_blob_dataset  # noqa: F401 (re-exported)
 
@@ -28,3 +29,17 @@ def png_dataset(tmp_path) -> dict:
         "sizes": {f"img_{i}": s for i, s in enumerate(sizes)},
         "root": tmp_path,
     }
+
+
+def fit_steps(net, loss_fn, x, label, steps: int, lr: float = 1e-3) -> list[float]:
+    """``steps`` AdamW steps of ``net`` on one batch with the set loss; the loss of each step."""
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn(net(x, with_queries=True), label)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import fit_steps
 
 from scripts.losses import Mask2FormerSemanticLoss
 from scripts.network import Mask2FormerDinov2
@@ -73,15 +74,7 @@ def test_mask2former_loss_learns_an_all_background_label(tiny_encoder):
     label = torch.zeros(2, 1, 56, 56, dtype=torch.long)
     label[0, :, 10:30, 10:30] = 1
     x[0, :, 10:30, 10:30] = 0  # image 0 shows a dark object; image 1 shows none and is labelled all background
-    net.train()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(40):
-        loss = loss_fn(net(x, with_queries=True), label)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_steps(net, loss_fn, x, label, 40)
     assert all(math.isfinite(v) for v in losses) and min(losses[-5:]) < 0.6 * losses[0]
     net.eval()
     with torch.no_grad():

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import fit_steps
 
 from scripts.losses import IGNORE_LABEL, Mask2FormerSemanticLoss, semantic_to_instances
 from scripts.network import Mask2FormerDinov2
@@ -31,15 +32,7 @@ def test_set_loss_needs_the_query_outputs_and_decreases(tiny_encoder, ignore_ban
         label[:, :, 8:12, :] = IGNORE_LABEL  # a band across the object's edge, left out of the loss
     with pytest.raises(TypeError, match=r"needs \(log_probs, query outputs\)"):
         loss_fn(net(x), label)  # log-probabilities alone: no per-query outputs to match
-    net.train()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(30):
-        loss = loss_fn(net(x, with_queries=True), label)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_steps(net, loss_fn, x, label, 30)
     assert all(math.isfinite(v) for v in losses) and min(losses[-5:]) < 0.6 * losses[0]
 
 
