@@ -732,7 +732,12 @@ class MedSMILEPipeline:
             fill_token_views(network, ref_images, ref_tokens, self.batch_size, self.backbone_bf16)
             self._tokens = self._store.sync(pool_tokens), ref_tokens
             self.summary["token_cache_s"] = time.time() - t0  # this invocation's (a resumed run rebuilds the cache)
-            logger.info("cached the backbone tokens of %d images x %d views in %.0f s", len(pool), 4, time.time() - t0)
+            logger.info(
+                "cached the backbone tokens of %d images x %d views in %.0f s",
+                len(pool),
+                len(TOKEN_VIEWS),
+                time.time() - t0,
+            )
         return self._tokens
 
     def _round(self, r: int, encoder_source, refs, pool, labels, feats, uncertainty) -> tuple[torch.Tensor, np.ndarray]:
