@@ -61,12 +61,6 @@ ROUND_TRAININGS = ("pseudo_labels", "consistency")
 _GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma
 
 
-def check_round_training(value: str) -> str:
-    if value not in ROUND_TRAININGS:
-        raise ValueError(f"round_training={value!r} must be one of {ROUND_TRAININGS}")
-    return value
-
-
 def confidence_mask(probs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, C, H, W) class probabilities -> hard targets (B, H, W) (the argmax) and the pixels whose maximum
     probability is at least ``threshold`` (B, H, W) bool."""

@@ -26,7 +26,7 @@ from monai.utils import set_determinism
 
 from . import distributed
 from .atomic_files import write_json_atomic
-from .consistency import ConsistencyStep, check_round_training
+from .consistency import ROUND_TRAININGS, ConsistencyStep
 from .demo_data import make_demo_data
 from .encoder import EncoderSource, load_dinov2, resolve_encoder
 from .encoder_finetune import finetune_encoder
@@ -169,31 +169,10 @@ def as_bool(name: str, value) -> bool:
 
 
 def check_consistency_options(cfg: dict) -> None:
-    """``round_training`` and the consistency stream's settings, refused before any compute."""
-    check_round_training(cfg["round_training"])
-    for name in ("consistency_pseudo_weight", "consistency_weight"):
-        value = cfg[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"{name}={value!r} must be a number >= 0")
-    for name, low_open in (
-        ("consistency_threshold", False),
-        ("consistency_ema_momentum", True),
-        ("consistency_feature_dropout", False),
-    ):
-        value = cfg[name]
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not 0 <= value < 1
-            or low_open
-            and not value
-        ):
-            raise ValueError(f"{name}={value!r} must be a number in {'(0' if low_open else '[0'}, 1)")
-    n = cfg["consistency_pool_images"]
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"consistency_pool_images={n!r} must be a whole number >= 1")
+    """Consistency rounds train on cached tokens: the options they need, refused before any compute (each value's
+    own range is in OPTION_RULES)."""
     if cfg["round_training"] == "consistency":
-        flags = {k: as_bool(k, cfg[k]) for k in ("freeze_backbone", "cache_backbone_tokens")}
+        flags = {k: cfg[k] for k in ("freeze_backbone", "cache_backbone_tokens")}
         if not all(flags.values()) or cfg["augmentation"] != "flips":
             raise ValueError(
                 "round_training='consistency' trains on cached backbone tokens: it needs freeze_backbone=true, "
@@ -242,6 +221,13 @@ OPTION_RULES = {
     "augmentation": _one_of(AUGMENTATIONS),
     "feature_pyramid": _one_of(FEATURE_PYRAMIDS),
     "mask_loss_points": _whole(1),
+    "round_training": _one_of(ROUND_TRAININGS),
+    "consistency_pseudo_weight": _number(0, low_open=False),
+    "consistency_weight": _number(0, low_open=False),
+    "consistency_threshold": _number(0, 1, low_open=False),
+    "consistency_ema_momentum": _number(0, 1),
+    "consistency_feature_dropout": _number(0, 1, low_open=False),
+    "consistency_pool_images": _whole(1),
     "loss": _one_of(LOSSES),
     "pool_store": _one_of(POOL_STORES),
     "num_rounds": _whole(0),  # 0: round-0 pseudo-labels only, no model
