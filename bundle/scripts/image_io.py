@@ -30,12 +30,13 @@ import errno
 import functools
 import logging
 import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .atomic_files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -628,25 +629,6 @@ def label_slices(case: Case, label: np.ndarray) -> list[np.ndarray]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _temp_path(final: str, suffix: str) -> str:
-    """Hidden temporary name next to ``final`` that keeps the suffix (writers pick the format from it)."""
-    folder, base = os.path.split(final)
-    return os.path.join(folder, f".{base[: -len(suffix)]}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
-
-
-def _atomic_write(final: str, suffix: str, write_fn) -> str:
-    os.makedirs(os.path.dirname(final) or ".", exist_ok=True)
-    tmp = _temp_path(final, suffix)
-    try:
-        write_fn(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return final
-
-
 def _label_dtype(label: np.ndarray, case: Case) -> type:
     if label.size == 0:
         return np.uint8
@@ -696,7 +678,9 @@ def write_label(case: Case, label_slices: Sequence[np.ndarray], out_dir: str | o
             # PILWriter's default reverse_indexing=True turns (X, Y) back into PIL's (height, width) layout.
             writer.write(tmp, format="PNG")
 
-        return _atomic_write(final, suffix, write_png)
+        with atomic_path(final) as tmp:  # keeps the suffix: the writer picks the format from it
+            write_png(tmp)
+        return final
 
     meta = case.meta
 
@@ -710,4 +694,6 @@ def write_label(case: Case, label_slices: Sequence[np.ndarray], out_dir: str | o
         writer.affine = np.asarray(meta["affine"], dtype=np.float64)
         writer.write(tmp)
 
-    return _atomic_write(final, suffix, write_nifti)
+    with atomic_path(final) as tmp:
+        write_nifti(tmp)
+    return final

@@ -38,7 +38,7 @@ import torch
 from monai.metrics import compute_dice, compute_iou
 from monai.networks.utils import one_hot
 
-from .atomic_files import write_json_atomic
+from .atomic_files import atomic_path, write_json_atomic
 from .image_io import read_label
 
 logger = logging.getLogger(__name__)
@@ -250,8 +250,7 @@ def _write_per_image(path: str, rows: Sequence[tuple[str, dict]], num_classes: i
     classes = range(1, num_classes)
     header = ["image", *(f"dice_c{c}" for c in classes), *(f"iou_c{c}" for c in classes), "mean_dice", "mean_iou"]
     header += ["truth_empty", "pred_empty"]
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for key, s in rows:
@@ -259,7 +258,6 @@ def _write_per_image(path: str, rows: Sequence[tuple[str, dict]], num_classes: i
                 [key, *s["dice"], *s["iou"], float(np.mean(s["dice"])), float(np.mean(s["iou"]))]  # full precision
                 + [int(not s["truth_present"]), int(not s["pred_present"])]
             )
-    os.replace(tmp, path)
 
 
 def evaluate_folders(

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from monai.utils import set_determinism
 
 from . import distributed
-from .atomic_files import write_json_atomic
+from .atomic_files import atomic_path, write_json_atomic
 from .consistency import ROUND_TRAININGS, ConsistencyStep
 from .demo_data import make_demo_data
 from .encoder import EncoderSource, load_dinov2, resolve_encoder
@@ -891,8 +891,8 @@ class MedSMILEPipeline:
         os.makedirs(run_models, exist_ok=True)
         stem = os.path.splitext(os.path.basename(self.model_path))[0]
         model_file = os.path.join(run_models, stem + ".pt")
-        shutil.copyfile(os.path.join(round_dir(self.output_dir, self.num_rounds), "model.pt"), model_file + ".tmp")
-        os.replace(model_file + ".tmp", model_file)
+        with atomic_path(model_file) as tmp:
+            shutil.copyfile(os.path.join(round_dir(self.output_dir, self.num_rounds), "model.pt"), tmp)
         with open(os.path.join(encoder_source.path, "config.json")) as f:
             encoder_config = json.load(f)
         names = label_names(self.num_classes, self.label_names)
@@ -936,17 +936,17 @@ class MedSMILEPipeline:
         os.makedirs(export_dir, exist_ok=True)
         config_file = os.path.join(export_dir, "inference.json")
         write_json_atomic(config_file, inference)
-        ckpt_export(
-            net_id="network_def",
-            filepath=ts_path + ".tmp",
-            ckpt_file=model_file,
-            meta_file=metadata_file,
-            config_file=config_file,
-            network_config=network_file,
-            use_trace=True,
-            input_shape=[1, 3, self.image_size, self.image_size],
-        )
-        os.replace(ts_path + ".tmp", ts_path)
+        with atomic_path(ts_path) as tmp:
+            ckpt_export(
+                net_id="network_def",
+                filepath=tmp,
+                ckpt_file=model_file,
+                meta_file=metadata_file,
+                config_file=config_file,
+                network_config=network_file,
+                use_trace=True,
+                input_shape=[1, 3, self.image_size, self.image_size],
+            )
         shutil.rmtree(export_dir, ignore_errors=True)
         return ts_path
 

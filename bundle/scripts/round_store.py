@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .atomic_files import move_into_place
 from .image_io import label_slices, read_label, write_label
 from .pool import ImagePool
 
@@ -47,7 +48,7 @@ def finish_round(output_dir: str, r: int, partial: str, record: dict) -> str:
     with open(os.path.join(partial, ROUND_FILE), "w") as f:
         json.dump(record, f, indent=2)
     final = round_dir(output_dir, r)
-    os.replace(partial, final)
+    move_into_place(partial, final, replace_folder=False)  # a complete round is never overwritten
     return final
 
 
