@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import pickle
+import re
 
 import numpy as np
 import torch
@@ -196,7 +197,7 @@ def train_round(
     save_dict = {"network": network, "optimizer": optimizer, "lr": scheduler, "trainer": trainer}
     if consistency is not None:
         save_dict["teacher"] = consistency.teacher
-    last = _latest_checkpoint(checkpoint_dir)
+    last = latest_checkpoint(checkpoint_dir)
     if last:
         logger.info("resuming round training from %s", last)
         CheckpointLoader(load_path=last, load_dict=save_dict, map_location=device).attach(trainer)
@@ -217,17 +218,22 @@ def train_round(
     return {"epochs": epochs, "iterations": trainer.state.iteration, "last_epoch_loss": losses}
 
 
-def _latest_checkpoint(folder: str) -> str | None:
-    """Newest epoch checkpoint that loads. MONAI's CheckpointSaver writes in place (not atomically), so a crash
-    during a save can leave a truncated newest file: it is removed and the previous one is used."""
+def latest_checkpoint(folder: str, prefix: str = "") -> str | None:
+    """Newest epoch checkpoint that MONAI's ``CheckpointSaver`` (``file_prefix=prefix``) wrote in ``folder`` and that
+    loads, by the epoch in its name (``[<prefix>_]<key>_epoch=<N>.pt``), then by time. The saver writes in place (not
+    atomically), so a crash during a save can leave a truncated newest file: it is removed and the previous one used."""
     if not os.path.isdir(folder):
         return None
-    files = sorted(
-        (os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".pt")), key=os.path.getmtime, reverse=True
-    )
-    for path in files:
+    start = f"{prefix}_" if prefix else ""
+    files = [os.path.join(folder, f) for f in os.listdir(folder) if f.startswith(start) and f.endswith(".pt")]
+
+    def newness(path: str) -> tuple[int, float]:
+        epoch = re.search(r"(\d+)\.pt$", os.path.basename(path))
+        return (int(epoch.group(1)) if epoch else -1, os.path.getmtime(path))
+
+    for path in sorted(files, key=newness, reverse=True):
         try:
-            torch.load(path, map_location="cpu", weights_only=True)
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             return path
         except (EOFError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as err:  # truncated or corrupt
             logger.warning("discarding unreadable checkpoint %s (%s)", path, err)
