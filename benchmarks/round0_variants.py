@@ -23,6 +23,7 @@ from benchmarks.paper import DATASETS, choose_split, image_path, mask_path
 from scripts.encoder import load_dinov2, resolve_encoder
 from scripts.image_io import read_case, read_label
 from scripts.metrics import presence_summary, segmentation_scores, summarize
+from scripts.network import imagenet_normalize
 from scripts.pool import resize_image
 from scripts.prototypes import (
     PROBE_CELLS_PER_IMAGE,
@@ -46,9 +47,7 @@ def layer_features(encoder, image: torch.Tensor, size: int) -> torch.Tensor:
     x = resize_image(image, size)[None]
     x = x.as_tensor() if hasattr(x, "as_tensor") else x  # plain tensor: the cache loads with weights_only
     x = torch.cat([x, x.flip(-1)])
-    mean = x.new_tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
-    std = x.new_tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
-    out = encoder(pixel_values=(x - mean) / std, output_hidden_states=True)
+    out = encoder(pixel_values=imagenet_normalize(x), output_hidden_states=True)
     p = encoder.config.patch_size
     grids = []
     for layer in LAYERS:
