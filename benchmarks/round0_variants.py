@@ -439,7 +439,7 @@ def reference_class_means(features: torch.Tensor, label: torch.Tensor, prototype
 def k_shot(split: dict, data_root: str, k: int) -> dict:
     """The seed's reference plus the first k - 1 pool images with a non-empty mask as references; they leave the
     pool, as in the pipeline."""
-    extra = [item for item in split["pool"] if read_label(mask_path(data_root, *item)).any()][: k - 1]
+    extra = [item for item in split["pool"] if read_label(mask_path(data_root, *item), num_classes=2).any()][: k - 1]
     return {
         "references": [split["reference"], *extra],
         "pool": [item for item in split["pool"] if item not in extra],
@@ -469,12 +469,13 @@ def evaluate(feats: dict, split: dict, data_root: str, variant: dict) -> dict:
     views = [(ref, 0) for ref in refs] + [(ref, k) for ref in refs for k in variant.get("rotations", ())]
     view_features = [feature(ref if k == 0 else ("rot", k, ref)) for ref, k in views]
     view_labels = [
-        torch.as_tensor(read_label(mask_path(data_root, *ref))).long().rot90(k, (-2, -1)) for ref, k in views
+        torch.as_tensor(read_label(mask_path(data_root, *ref), num_classes=2)).long().rot90(k, (-2, -1))
+        for ref, k in views
     ]
     protos = class_prototypes(view_features, view_labels, 2)
     shift = torch.zeros(2)
     if variant.get("center"):
-        ref_label = torch.as_tensor(read_label(mask_path(data_root, *refs[0]))).long()
+        ref_label = torch.as_tensor(read_label(mask_path(data_root, *refs[0]), num_classes=2)).long()
         shift = reference_class_means(feature(refs[0]), ref_label, protos)
     shift[1] += variant.get("offset", 0.0)  # the foreground score must beat the background's by this margin
     ref_cells = None
@@ -535,7 +536,7 @@ def evaluate(feats: dict, split: dict, data_root: str, variant: dict) -> dict:
             absent = [bool(presence_score(s) <= threshold) for s in pool_scores]
     scores, fg_prec, fg_rec, present = [], [], [], []
     for item, s, is_absent in zip(split["pool"], pool_scores, absent, strict=True):
-        truth = read_label(mask_path(data_root, *item))
+        truth = read_label(mask_path(data_root, *item), num_classes=2)
         pred = soft_labels(s, truth.shape).argmax(1)[0].numpy()
         if is_absent:
             pred = np.zeros_like(pred)
@@ -606,7 +607,7 @@ def reference_sizes(feats: dict, split: dict, data_root: str) -> list[dict]:
     which round 0 collapses."""
     from benchmarks.suggest_round0 import round0_dice_matrix
 
-    truths = [torch.as_tensor(read_label(mask_path(data_root, *item)) > 0) for item in split["pool"]]
+    truths = [torch.as_tensor(read_label(mask_path(data_root, *item), num_classes=2) > 0) for item in split["pool"]]
     candidates = [i for i, t in enumerate(truths) if t.any()]
     patches = torch.stack([select(feats[item], "multi", True) for item in split["pool"]])
     matrix = round0_dice_matrix(patches, truths, candidates)

@@ -232,7 +232,9 @@ def test_round0_test_scores_with_the_probe_the_run_saved(tiny_encoder, tmp_path)
         "flip_average": False,
         "round0_classifier": "linear_probe",
     }
-    truths = [read_label(paper.mask_path(str(data_root), "busi", stem)) for stem in split["tests"]["busi"]]
+    truths = [
+        read_label(paper.mask_path(str(data_root), "busi", stem), num_classes=2) for stem in split["tests"]["busi"]
+    ]
     expected = summarize([segmentation_scores(np.ones_like(t), t, 2) for t in truths], 2)["mean_dice"]
     (tmp_path / "run" / "round_0").mkdir(parents=True)
     for bias, dice in (([0.0, 50.0], expected), ([50.0, 0.0], 0.0)):  # a probe that calls every pixel lesion / none

@@ -48,6 +48,7 @@ __all__ = [
     "check_image_size",
     "check_size_from_header",
     "find_inputs",
+    "label_classes",
     "label_slices",
     "list_inputs",
     "read_case",
@@ -577,17 +578,48 @@ def _same_up_to_singletons(a: Sequence[int], b: Sequence[int]) -> bool:
     return [s for s in a if s != 1] == [s for s in b if s != 1]
 
 
+LOSSY_SUFFIXES = (".jpg", ".jpeg")
+
+
+def label_classes(label: np.ndarray, num_classes: int, path: str | os.PathLike) -> np.ndarray:
+    """Class indices 0..C-1 from a stored label map, the one rule for every label file the bundle reads.
+
+    Values already in ``0 .. C-1`` are class indices as stored. A map whose only non-zero value is some ``k >= C``
+    (a 0/255 mask) becomes ``{0, 1}``; with ``C = 2`` that is every two-valued ``{0, k}`` mask. For ``C > 2`` a
+    ``{0, 2}`` map keeps meaning "only class 2 present". A JPEG mask with ``C = 2`` (lossy: grey values around the
+    edges) is foreground where its value is > 127. Anything else out of range (e.g. a ``{0, 128, 255}`` grey image)
+    is refused, naming the file."""
+    path = os.fspath(path)
+    if label.size == 0 or int(label.max()) < num_classes:
+        return label
+    values = np.unique(label)
+    nonzero = values[values != 0]
+    if len(nonzero) == 1:  # {0, k} or {k} with k >= C: a binary mask such as 0/255
+        return (label > 0).astype(np.int64)
+    if num_classes == 2 and path.lower().endswith(LOSSY_SUFFIXES):
+        return (label > 127).astype(np.int64)
+    shown = ", ".join(str(int(v)) for v in values[:8]) + (", ..." if len(values) > 8 else "")
+    raise ValueError(
+        f"{path}: label values {{{shown}}} are outside 0..{num_classes - 1} and not a two-valued {{0, k}} mask"
+    )
+
+
 def read_label(
-    path: str | os.PathLike, spatial_shape: Sequence[int] | None = None, binarize: bool = True
+    path: str | os.PathLike,
+    spatial_shape: Sequence[int] | None = None,
+    num_classes: int | None = None,
+    binarize: bool = False,
 ) -> np.ndarray:
     """Read a label map as ``int64`` in MONAI spatial order (same reader choice as :func:`read_case`).
 
-    Multi-channel (RGB/RGBA) masks use their first channel; palette PNGs keep their indices. A map with exactly two
-    values ``{0, k}`` (k > 1, e.g. 0/255 masks) or only the value 255 becomes ``{0, 1}``. With ``spatial_shape`` given
-    (e.g. ``case.spatial_shape``) the label must match it (singleton axes aside) and is returned with that shape.
-    Pass ``binarize=False`` to keep class indices as stored (e.g. reading back a multi-class map written by
-    :func:`write_label`, where ``{0, 2}`` means "only class 2 present").
+    Multi-channel (RGB/RGBA) masks use their first channel; palette PNGs keep their indices. With ``num_classes``
+    the values become class indices by :func:`label_classes` (0/255 masks -> {0, 1}; other out-of-range values are
+    refused); without, they are kept as stored (reading back a map written by :func:`write_label`). With
+    ``spatial_shape`` given (e.g. ``case.spatial_shape``) the label must match it (singleton axes aside) and is
+    returned with that shape. ``binarize=True`` is gone (pass ``num_classes``); ``binarize=False`` is the default.
     """
+    if binarize:
+        raise TypeError("read_label(binarize=True) is replaced by read_label(num_classes=C)")
     path = os.fspath(path)
     data, _meta, _reader, kind = _load(path, for_label=True)
     data = _to_spatial(data, path, kind)
@@ -598,10 +630,8 @@ def read_label(
     label = label.astype(np.int64)
     if label.size and label.min() < 0:
         raise ValueError(f"{path}: label contains negative values (min {int(label.min())})")
-    values = np.unique(label)
-    two_valued = len(values) == 2 and values[0] == 0 and values[1] > 1
-    if binarize and (two_valued or (len(values) == 1 and values[0] == 255)):
-        label = (label > 0).astype(np.int64)
+    if num_classes is not None:
+        label = label_classes(label, num_classes, path)
     if spatial_shape is not None:
         expected = tuple(int(s) for s in spatial_shape)
         if tuple(label.shape) != expected:

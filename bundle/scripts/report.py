@@ -256,7 +256,8 @@ def _thumbnails(output_dir, report_dir, config, r, ranked, num_thumbnails) -> tu
         try:
             case, slices = read_case(sources[case_name], config.get("slice_axis", 2), config.get("dataset_dir"))
             label_path = os.path.join(output_dir, f"round_{r}", label_files[case_name])
-            label = label_slices(case, read_label(label_path, case.spatial_shape, binarize=False))[slice_index]
+            label = read_label(label_path, case.spatial_shape, config.get("num_classes", 2))
+            label = label_slices(case, label)[slice_index]
         except ValueError as err:
             return Thumbnail(item, rank, None, f"could not read: {err}")
         file = f"{prefix}_{index:02d}.png"

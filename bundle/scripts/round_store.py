@@ -99,7 +99,7 @@ def read_round_labels(
         case = pool.cases[item.case]
         if cache is None or cache[0] != item.case:
             path = os.path.join(folder, files[case.name])
-            cache = (item.case, label_slices(case, read_label(path, case.spatial_shape, binarize=False)))
+            cache = (item.case, label_slices(case, read_label(path, case.spatial_shape)))
         grid = torch.as_tensor(np.ascontiguousarray(cache[1][item.slice]), dtype=torch.float32)[None, None]
         labels[i] = F.interpolate(grid, size=(size, size), mode="nearest")[0, 0].to(torch.uint8)
     ignored_path = os.path.join(folder, IGNORED_FILE)
