@@ -106,3 +106,21 @@ def test_sparse_bright_spots_use_the_min_max_window(tmp_path):
     np.testing.assert_allclose(inference({"image": str(tmp_path / "sparse.png")})["image"].numpy(), expected, atol=1e-6)
     _, slices = read_case(str(tmp_path / "flat.png"))
     assert not slices[0].any() and not inference({"image": str(tmp_path / "flat.png")})["image"].numpy().any()
+
+
+def test_intensity_to_rgb_is_one_monai_compose():
+    import pytest
+    from monai.transforms import Compose
+
+    from scripts.transforms import intensity_to_rgb
+
+    compose = intensity_to_rgb("image")
+    assert isinstance(compose, Compose)
+    grey_alpha = np.stack([np.array([[0, 51], [102, 255]], np.uint8), np.full((2, 2), 9, np.uint8)])
+    out = compose({"image": grey_alpha})["image"]
+    np.testing.assert_allclose(np.asarray(out), np.repeat([[[0, 0.2], [0.4, 1.0]]], 3, 0), atol=1e-7)  # alpha dropped
+    assert out.meta["intensity_window"] == (0.0, 255.0)
+    five = MetaTensor(torch.zeros(5, 2, 2), meta={"filename_or_obj": "five.tif"})
+    with pytest.raises(RuntimeError, match="ToRGBd") as err:  # MONAI's Compose wraps the step's error
+        compose({"image": five})
+    assert "five.tif: unsupported number of channels 5" in str(err.value.__cause__)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .atomic_files import atomic_path
 
@@ -69,10 +70,6 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 MAX_IMAGE_PIXELS = 25_000_000  # pixels of one 2-D image or of a volume's largest plane
 MAX_VOLUME_VOXELS = 200_000_000  # voxels of a whole volume or series (e.g. 512 x 512 x 760)
 MIN_IMAGE_SIDE = 8  # pixels on each side of a 2-D image (slice) of the pool: smaller ones carry no shape to segment
-
-# Above this many values the percentiles are estimated on a regular subsample (deterministic, much faster).
-_PERCENTILE_MAX_SAMPLES = 1 << 22
-_LOW_PERCENTILE, _HIGH_PERCENTILE = 0.5, 99.5
 
 
 @dataclass
@@ -446,42 +443,24 @@ def _check_finite(data: np.ndarray, path: str) -> None:
         raise ValueError(f"{path}: intensities contain non-finite values ({n_nan} NaN, {n_inf} Inf)")
 
 
-def _percentile_range(data: np.ndarray) -> tuple[float, float]:
-    flat = data.reshape(-1)
-    if flat.size > _PERCENTILE_MAX_SAMPLES:
-        flat = flat[:: flat.size // _PERCENTILE_MAX_SAMPLES + 1]
-    lo, hi = np.percentile(flat, [_LOW_PERCENTILE, _HIGH_PERCENTILE])
-    lo, hi = float(lo), float(hi)
-    if hi <= lo:  # (almost) constant at the percentiles, e.g. sparse bright spots on a flat background
-        lo, hi = float(data.min()), float(data.max())
-    return lo, hi
-
-
 def scale_intensity(data: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
-    """8-bit -> /255; anything else -> per-case 0.5/99.5 percentile window clipped to [0, 1]; constant -> zeros."""
-    if data.dtype == np.uint8:
-        return data.astype(np.float32) / np.float32(255.0), (0.0, 255.0)
-    if data.dtype == np.bool_:
-        return data.astype(np.float32), (0.0, 1.0)
-    values = data.astype(np.float32, copy=False)
-    lo, hi = _percentile_range(values)
-    if hi <= lo:
-        return np.zeros(values.shape, dtype=np.float32), (lo, hi)
-    out = (values - np.float32(lo)) / np.float32(hi - lo)
-    np.clip(out, 0.0, 1.0, out=out)
-    return out.astype(np.float32, copy=False), (lo, hi)
+    """8-bit -> /255; anything else -> per-case 0.5/99.5 percentile window clipped to [0, 1]; constant -> zeros
+    (``transforms.ScaleIntensityWindowd``, the first step of :func:`scripts.transforms.intensity_to_rgb`)."""
+    from .transforms import ScaleIntensityWindowd
+
+    out = ScaleIntensityWindowd("image")({"image": data})["image"]
+    window = out.meta["intensity_window"]
+    return np.asarray(out.as_tensor().numpy(), dtype=np.float32), window
 
 
 def to_rgb(data: np.ndarray, path: str) -> np.ndarray:
-    """(C, ...) -> (3, ...): grey repeated, grey+alpha -> grey, RGBA -> RGB."""
-    channels = data.shape[0]
-    if channels == 1:
-        return np.repeat(data, 3, axis=0)
-    if channels == 2:  # grey + alpha
-        return np.repeat(data[:1], 3, axis=0)
-    if channels in (3, 4):
-        return data[:3]
-    raise ValueError(f"{path}: unsupported number of channels {channels} (expected 1, 2, 3 or 4)")
+    """(C, ...) -> (3, ...): grey repeated, grey+alpha -> grey, RGBA -> RGB (``transforms.ToRGBd``)."""
+    from monai.data import MetaTensor
+
+    from .transforms import ToRGBd
+
+    out = ToRGBd("image")({"image": MetaTensor(torch.as_tensor(data), meta={"filename_or_obj": path})})["image"]
+    return out.as_tensor().numpy()
 
 
 def _squeezable_axis(spatial_shape: Sequence[int], slice_axis: int) -> int | None:
@@ -525,15 +504,23 @@ def read_case(
     is_volume = len(spatial_shape) == 3 and squeezed is None
     if data.shape[0] > 4:
         raise ValueError(f"{path}: unsupported number of channels {data.shape[0]} (expected 1, 2, 3 or 4)")
-    scaled, window = scale_intensity(data)
-    # channels are expanded per slice, so a large volume is not held three times in memory
+    # transforms.intensity_to_rgb, as inference.json: the window over the whole case, then channels per slice (so a
+    # large volume is not held three times over in one piece)
+    from monai.data import MetaTensor
+
+    from .transforms import intensity_to_rgb
+
+    window_step, rgb_step = intensity_to_rgb("image").transforms
+    scaled = window_step({"image": MetaTensor(torch.as_tensor(data), meta={"filename_or_obj": path})})["image"]
+    window = scaled.meta["intensity_window"]
+    scaled = scaled.as_tensor()
     if is_volume:
-        planes = [np.take(scaled, i, axis=slice_axis + 1) for i in range(spatial_shape[slice_axis])]
+        planes = [scaled.select(slice_axis + 1, i) for i in range(spatial_shape[slice_axis])]
     elif squeezed is not None:
-        planes = [np.take(scaled, 0, axis=squeezed + 1)]
+        planes = [scaled.select(squeezed + 1, 0)]
     else:
         planes = [scaled]
-    slices = [np.ascontiguousarray(to_rgb(p, path)) for p in planes]
+    slices = [np.ascontiguousarray(torch.as_tensor(rgb_step({"image": p})["image"]).numpy()) for p in planes]
     case_meta = _geometry(meta, len(spatial_shape))
     case_meta.update(
         {
