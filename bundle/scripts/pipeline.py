@@ -26,7 +26,7 @@ from monai.utils import set_determinism
 
 from . import distributed
 from .atomic_files import atomic_path, write_json_atomic
-from .consistency import ROUND_TRAININGS, ConsistencyStep
+from .consistency import CONSISTENCY_LOSSES, ROUND_TRAININGS, ConsistencyStep
 from .demo_data import make_demo_data
 from .encoder import EncoderSource, load_dinov2, resolve_encoder
 from .encoder_finetune import finetune_encoder
@@ -106,6 +106,7 @@ ADDED_OPTIONS = {
     "consistency_ema_momentum": 0.99,
     "consistency_pool_images": 2,
     "consistency_feature_dropout": 0.5,
+    "consistency_loss": "cross_entropy",
 }
 
 # Settings that change where or how fast a run goes, not what it computes: a run resumes across them (a run folder
@@ -228,6 +229,7 @@ OPTION_RULES = {
     "consistency_ema_momentum": _number(0, 1),
     "consistency_feature_dropout": _number(0, 1, low_open=False),
     "consistency_pool_images": _whole(1),
+    "consistency_loss": _one_of(CONSISTENCY_LOSSES),
     "loss": _one_of(LOSSES),
     "pool_store": _one_of(POOL_STORES),
     "num_rounds": _whole(0),  # 0: round-0 pseudo-labels only, no model
@@ -367,6 +369,7 @@ class MedSMILEPipeline:
         consistency_ema_momentum: float = 0.99,
         consistency_pool_images: int = 2,
         consistency_feature_dropout: float = 0.5,
+        consistency_loss: str = "round",
         num_queries: int = 16,
         decoder_layers: int = 4,
         hidden_dim: int = 128,
@@ -766,6 +769,7 @@ class MedSMILEPipeline:
                 self.consistency_threshold,
                 self.consistency_ema_momentum,
                 self.consistency_feature_dropout,
+                loss=self.consistency_loss,
                 bf16=self.backbone_bf16,
                 num_workers=self.num_workers,
                 seed=self.seed + r,
