@@ -595,7 +595,6 @@ def read_label(
     path: str | os.PathLike,
     spatial_shape: Sequence[int] | None = None,
     num_classes: int | None = None,
-    binarize: bool = False,
 ) -> np.ndarray:
     """Read a label map as ``int64`` in MONAI spatial order (same reader choice as :func:`read_case`).
 
@@ -603,10 +602,8 @@ def read_label(
     the values become class indices by :func:`label_classes` (0/255 masks -> {0, 1}; other out-of-range values are
     refused); without, they are kept as stored (reading back a map written by :func:`write_label`). With
     ``spatial_shape`` given (e.g. ``case.spatial_shape``) the label must match it (singleton axes aside) and is
-    returned with that shape. ``binarize=True`` is gone (pass ``num_classes``); ``binarize=False`` is the default.
+    returned with that shape.
     """
-    if binarize:
-        raise TypeError("read_label(binarize=True) is replaced by read_label(num_classes=C)")
     path = os.fspath(path)
     data, _meta, _reader, kind = _load(path, for_label=True)
     data = _to_spatial(data, path, kind)

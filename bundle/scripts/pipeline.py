@@ -495,10 +495,8 @@ class MedSMILEPipeline:
             case, slices = read_case(image_path, slice_axis=self.slice_axis)
             if case.is_volume:
                 raise ValueError(f"{image_path}: the reference must be a 2-D image (pick one slice of the volume)")
-            label = label_slices(case, read_label(label_path, case.spatial_shape, binarize=False))[0]
-            label = torch.as_tensor(label).long()
-            if self.num_classes == 2 and set(torch.unique(label).tolist()) == {0, 255}:
-                label = (label > 0).long()  # the common 0/255 binary mask
+            label = read_label(label_path, case.spatial_shape, num_classes=self.num_classes)
+            label = torch.as_tensor(label_slices(case, label)[0]).long()
             check_reference_label(label, self.num_classes, name=f"reference label {label_path}")
             refs.append((torch.as_tensor(slices[0]), label, os.path.basename(image_path)))
         return refs
