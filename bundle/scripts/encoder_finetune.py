@@ -32,10 +32,7 @@ import json
 import logging
 import math
 import os
-import pickle
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,8 +51,10 @@ from monai.utils import CommonKeys
 from torch import nn
 from transformers import Dinov2Model
 
+from .atomic_files import atomic_path
 from .handlers import GradientClipHandler
-from .network import IMAGENET_MEAN, IMAGENET_STD
+from .network import imagenet_normalize
+from .training import latest_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -193,12 +192,6 @@ def _split_views(batch: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return [batch["global0"], batch["global1"]], [v for k, v in batch.items() if k.startswith("local")]
 
 
-def _normalise(views: torch.Tensor) -> torch.Tensor:
-    mean = views.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = views.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (views - mean) / std
-
-
 class _EpochBatches:
     """Batch sampler: each epoch a permutation drawn from ``(seed, epoch)`` split into near-equal batches of at most
     ``batch_size`` (never a batch of 1, which has no negatives). :meth:`set_epoch` also re-seeds ``transform``."""
@@ -257,11 +250,11 @@ def _views_loss(student: nn.Module, teacher: nn.Module, batch: dict, loss_functi
     device = next(student.parameters()).device
     glob, local = _split_views(batch)
     b = glob[0].shape[0]
-    glob_px = _normalise(torch.cat(glob).to(device))
+    glob_px = imagenet_normalize(torch.cat(glob).to(device))
     with torch.no_grad():
         teacher_global = teacher(glob_px).split(b)
     student_global = student(glob_px).split(b)
-    student_local = student(_normalise(torch.cat(local).to(device))).split(b) if local else []
+    student_local = student(imagenet_normalize(torch.cat(local).to(device))).split(b) if local else []
     return loss_function(student_global, student_local, teacher_global)
 
 
@@ -326,24 +319,6 @@ def _checkpoints(checkpoint_dir: str) -> list[tuple[int, str]]:
         if m:
             found.append((int(m.group(1)), os.path.join(checkpoint_dir, name)))
     return sorted(found, reverse=True)
-
-
-def _newest_checkpoint(checkpoint_dir: str) -> str | None:
-    """The readable checkpoint of the highest epoch in ``checkpoint_dir`` (a truncated file is skipped)."""
-    for _, path in _checkpoints(checkpoint_dir):
-        try:
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except (
-            RuntimeError,
-            OSError,
-            EOFError,
-            ValueError,
-            pickle.UnpicklingError,
-        ) as exc:  # truncated or otherwise unreadable: try the previous epoch
-            logger.warning("skipping unreadable checkpoint %s (%s: %s)", path, type(exc).__name__, exc)
-            continue
-        return path
-    return None
 
 
 def _images_sha256(images: torch.Tensor) -> str:
@@ -411,7 +386,7 @@ def _make_trainer(
         "lr_scheduler": scheduler,
         "trainer": trainer,
     }
-    newest = _newest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    newest = latest_checkpoint(checkpoint_dir, prefix="moco") if checkpoint_dir is not None else None
     if newest is not None:
         logger.info("resuming encoder fine-tuning from %s", newest)
         record.source = f"the checkpoint {newest}"
@@ -596,11 +571,14 @@ def finetune_encoder(
 
 
 def _write_encoder(encoder: Dinov2Model, provenance: dict, output_dir: str) -> None:
-    """``save_pretrained`` + provenance.json into a temp sibling folder, then ``os.replace`` onto ``output_dir``."""
+    """``save_pretrained`` + provenance.json into a temp sibling folder moved onto ``output_dir`` (which may hold an
+    unfinished fine-tune) in one step (``atomic_files.atomic_path``)."""
     target = Path(output_dir).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    if target.exists():
+        logger.warning("replacing the unfinished folder %s", target)
+    with atomic_path(target) as tmp:
+        tmp = Path(tmp)
+        tmp.mkdir()
         encoder.cpu().save_pretrained(tmp)
         with open(tmp / PROVENANCE_FILE, "w", encoding="utf-8") as f:
             json.dump(provenance, f, indent=2, sort_keys=True)
@@ -609,12 +587,6 @@ def _write_encoder(encoder: Dinov2Model, provenance: dict, output_dir: str) -> N
             if child.is_file():
                 child.chmod(0o644)
         tmp.chmod(0o755)
-        if target.exists():
-            logger.warning("replacing the unfinished folder %s", target)
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_json(path: str) -> dict | None:

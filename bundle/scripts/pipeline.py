@@ -254,7 +254,7 @@ OPTION_RULES = {
     "finetune_batch_size": _whole(2),  # in-batch negatives
     "finetune_learning_rate": _number(0),
     "finetune_temperature": _number(0),
-    "finetune_ema_momentum": _number(0, 1, low_open=False),
+    "finetune_ema_momentum": _number(0, 1),  # EMAHandler refuses 0 and 1
     "finetune_global_crop_size": _multiple_of(14, "the DINOv2 patch size "),
     "finetune_local_crop_size": _multiple_of(14, "the DINOv2 patch size "),
     "finetune_num_local_crops": _whole(0),
