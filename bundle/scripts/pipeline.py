@@ -11,10 +11,12 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import inspect
 import json
 import logging
 import math
 import os
+import re
 import resource
 import shutil
 import time
@@ -32,7 +34,7 @@ from .encoder import EncoderSource, load_dinov2, resolve_encoder
 from .encoder_finetune import finetune_encoder
 from .features import dinov2_features
 from .image_io import label_slices, read_case, read_label
-from .losses import IGNORE_LABEL
+from .losses import IGNORE_LABEL, LOSSES
 from .network import FEATURE_PYRAMIDS, Mask2FormerDinov2, bf16_supported
 from .pool import ImagePool, pool_sources, resize_image, to_uint8
 from .pool_store import ArrayStore, RowItems
@@ -69,7 +71,7 @@ from .round_store import (
     write_round_labels,
 )
 from .token_cache import TOKEN_VIEWS, fill_token_views
-from .training import AUGMENTATIONS, predict_and_refine, round_epochs, train_round, training_items
+from .training import AUGMENTATIONS, call_with, predict_and_refine, round_epochs, train_round, training_items
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +126,44 @@ UNRECORDED_KEYS = (
     "cache_backbone_tokens",
     "label_names",  # names the classes of the exported model, computes nothing
     "skip_bad_inputs",
+    # the handlers medsmile.json adds to the round trainer observe it (loss log, TensorBoard); the ones that shape the
+    # training (schedule, clipping, checkpoints) are the pipeline's own and recorded through their options
+    "train_handlers",
 )
+
+# The round's parts, config items of medsmile.json that a user swaps in JSON (``_mode_: "callable"`` partials, and
+# the trainer's extra handlers); the pipeline calls them each round with what only it knows (training.call_with).
+TRAINING_PARTS = ("network_def", "optimizer", "lr_scheduler", "loss_function", "train_handlers")
+BUNDLE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "medsmile.json")
+
+
+def default_parts(cfg: dict) -> dict:
+    """medsmile.json's training parts, the one place their defaults are written, resolved with the options in ``cfg``
+    (``@num_queries``, ``@weight_decay``, ...): what a pipeline built in Python without them trains with, and what a
+    run recorded before they were configuration trained with."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(BUNDLE_CONFIG)
+    refs = set(re.findall(r"@(\w+)", json.dumps({k: parser[k] for k in TRAINING_PARTS})))
+    parser.update({k: cfg[k] for k in refs if k in cfg})
+    return {k: parser.get_parsed_content(k) for k in TRAINING_PARTS}
+
+
+def _qualified_name(obj) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def describe_part(part):
+    """A training part as JSON for run_config.json and summary.json: its target and the arguments the config bound
+    (``{"_target_": "torch.optim.adamw.AdamW", "weight_decay": 0.01}``), so that swapping either is a changed run."""
+    if isinstance(part, (list, tuple)):
+        return [describe_part(p) for p in part]
+    if isinstance(part, functools.partial):
+        args = {"_args_": list(part.args)} if part.args else {}
+        return json.loads(json.dumps({"_target_": _qualified_name(part.func), **args, **part.keywords}, default=str))
+    return {"_target_": _qualified_name(part if inspect.isclass(part) or inspect.isfunction(part) else type(part))}
+
 
 BOOLEAN_KEYS = (
     "skip_bad_inputs",
@@ -180,7 +219,6 @@ def check_consistency_options(cfg: dict) -> None:
             )
 
 
-LOSSES = ("mask2former", "dicece")
 POOL_STORES = ("disk", "memory")
 
 
@@ -228,7 +266,7 @@ OPTION_RULES = {
     "consistency_ema_momentum": _number(0, 1),
     "consistency_feature_dropout": _number(0, 1, low_open=False),
     "consistency_pool_images": _whole(1),
-    "loss": _one_of(LOSSES),
+    "loss": _one_of(tuple(LOSSES)),
     "pool_store": _one_of(POOL_STORES),
     "num_rounds": _whole(0),  # 0: round-0 pseudo-labels only, no model
     "epochs": _whole(1),
@@ -390,9 +428,20 @@ class MedSMILEPipeline:
         metadata_file: str | None = None,
         pool_store: str = "disk",
         label_names: list[str] | str | None = None,
+        network_def=None,
+        optimizer=None,
+        lr_scheduler=None,
+        loss_function=None,
+        train_handlers=None,
     ):
         self.cfg = {k: v for k, v in locals().items() if k != "self"}  # first: later locals are not settings
+        parts = {k: self.cfg.pop(k) for k in TRAINING_PARTS}
         self.cfg = validate_options(self.cfg)
+        if any(v is None for v in parts.values()):  # built in Python: medsmile.json's parts
+            defaults = default_parts(self.cfg)
+            parts = {k: defaults[k] if v is None else v for k, v in parts.items()}
+        self._parts = parts
+        self.cfg.update({k: describe_part(v) for k, v in parts.items()})
         from .model_files import label_names as class_names
 
         self.cfg["label_names"] = class_names(num_classes, label_names)  # checked now, not after the rounds
@@ -429,8 +478,11 @@ class MedSMILEPipeline:
         if previous.get("fingerprint") == self._config_fingerprint():
             return False
         old = previous.get("config", {})
+        added = dict(ADDED_OPTIONS)
+        if any(k not in old for k in TRAINING_PARTS):  # recorded before the parts were configuration: the defaults
+            added.update({k: describe_part(v) for k, v in default_parts(self.cfg).items()})
         missing = object()
-        changed = [k for k, v in self._recorded_config().items() if old.get(k, ADDED_OPTIONS.get(k, missing)) != v]
+        changed = [k for k, v in self._recorded_config().items() if old.get(k, added.get(k, missing)) != v]
         if not changed:
             return False  # recorded before an option existed, which still has its old behaviour
         if not is_complete(self.output_dir, 0):
@@ -675,23 +727,31 @@ class MedSMILEPipeline:
         return resolve_encoder(out)
 
     def _new_network(self, encoder_source: EncoderSource) -> Mask2FormerDinov2:
-        """A NEW Mask2Former each round, its backbone initialised from the pretrained DINOv2 (never the last round)."""
-        return Mask2FormerDinov2(
+        """A NEW network each round from ``network_def``, its backbone initialised from the pretrained (or fine-tuned)
+        DINOv2, never from the last round."""
+        network = call_with(
+            self._parts["network_def"],
             num_classes=self.num_classes,
             encoder_config=encoder_source.path,
             encoder_weights=encoder_source.path,
-            **self._decoder_kwargs(),
-        ).to(self.device)
+        )
+        if not isinstance(network, Mask2FormerDinov2):
+            raise TypeError(
+                f"network_def built a {type(network).__name__}: the rounds need a scripts.network.Mask2FormerDinov2 "
+                "(its token cache, set loss and export)"
+            )
+        return network.to(self.device)
 
     def _decoder_kwargs(self) -> dict:
-        return {
-            "num_queries": self.num_queries,
-            "decoder_layers": self.decoder_layers,
-            "hidden_dim": self.hidden_dim,
-            "pixel_decoder_layers": self.pixel_decoder_layers,
-            "feature_pyramid": self.feature_pyramid,
-            "mask_loss_points": self.mask_loss_points,
-        }
+        """How network.json rebuilds the network (with num_classes and the encoder config): network_def's arguments,
+        those the config left open at their defaults (network.network_from_file must not assume any), and its
+        target when it is not Mask2FormerDinov2 (network_from_file reads it)."""
+        part = self._parts["network_def"]
+        target = part.func if isinstance(part, functools.partial) else part
+        defaults = {k: p.default for k, p in inspect.signature(target).parameters.items() if p.default is not p.empty}
+        args = {**defaults, **(part.keywords if isinstance(part, functools.partial) else {})}
+        args = {k: v for k, v in args.items() if k not in ("num_classes", "encoder_config", "encoder_weights")}
+        return args if target is Mask2FormerDinov2 else {"_target_": _qualified_name(target), **args}
 
     def _uses_token_cache(self) -> bool:
         """Rounds train and predict from cached backbone tokens when the backbone is frozen and the augmentation
@@ -791,7 +851,7 @@ class MedSMILEPipeline:
             self.device,
             ckpt_dir,
             self.num_workers,
-            self.loss,
+            self._parts["loss_function"],
             seed=self.seed + r,
             freeze_backbone=self.freeze_backbone,
             head_learning_rate=self.head_learning_rate,
@@ -799,6 +859,9 @@ class MedSMILEPipeline:
             bootstrap_targets=self.bootstrap_targets,
             token_views=cached,
             consistency=step,
+            optimizer=self._parts["optimizer"],
+            lr_scheduler=self._parts["lr_scheduler"],
+            handlers=self._parts["train_handlers"],
         )
         if step is not None:  # the teacher predicts the pool and is the round's model
             network = step.finished_teacher()
