@@ -126,7 +126,10 @@ def test_train_round_builds_the_given_optimizer_and_schedule(tiny_encoder, tmp_p
     assert group["lr"] == pytest.approx(1e-3 * 0.5)  # the head learning rate (None: learning_rate), annealed
 
 
-def test_json_overrides_swap_the_optimizer_network_and_handlers(tiny_encoder, png_dataset, tmp_path, monkeypatch):
+@pytest.mark.parametrize("round_training", ["pseudo_labels", "consistency"])
+def test_json_overrides_swap_the_optimizer_network_and_handlers(
+    tiny_encoder, png_dataset, tmp_path, monkeypatch, round_training
+):
     steps = {"SGD": 0, "AdamW": 0}
     for cls in (torch.optim.SGD, torch.optim.AdamW):
         real = cls.step
@@ -140,18 +143,16 @@ def test_json_overrides_swap_the_optimizer_network_and_handlers(tiny_encoder, pn
     real_attach = StatsHandler.attach
     monkeypatch.setattr(StatsHandler, "attach", lambda self, engine: (attached.append(self), real_attach(self, engine)))
 
-    run_medsmile(
-        tiny_encoder,
-        png_dataset,
-        tmp_path,
-        **{"optimizer#_target_": "torch.optim.SGD", "optimizer#momentum": 0.9, "network_def#num_queries": 3},
-    )
+    swapped = {"optimizer#_target_": "torch.optim.SGD", "optimizer#momentum": 0.9, "network_def#num_queries": 3}
+    run_medsmile(tiny_encoder, png_dataset, tmp_path, round_training=round_training, **swapped)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     iterations = summary["rounds"][1]["training"]["iterations"]
     assert steps == {"SGD": iterations, "AdamW": 0}
     recorded = json.loads((tmp_path / "run" / "run_config.json").read_text())["config"]
     assert recorded["optimizer"] == {"_target_": "torch.optim.sgd.SGD", "weight_decay": 0.01, "momentum": 0.9}
     assert recorded["network_def"]["num_queries"] == 3 and recorded["num_queries"] == TINY_OVERRIDES["num_queries"]
+    if round_training == "consistency":  # the round's model is the teacher: an average of the SGD-trained students
+        assert summary["rounds"][1]["training"]["consistency_epochs"]
     # the trained network has network_def's 3 queries, and inference.json rebuilds it from network.json
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert state["mask2former.model.transformer_module.queries_features.weight"].shape[0] == 3
@@ -164,7 +165,9 @@ def test_json_overrides_swap_the_optimizer_network_and_handlers(tiny_encoder, pn
 
     # a swapped optimizer is a changed run: the finished round is not reused with the default AdamW
     with pytest.raises(RuntimeError) as err:
-        run_medsmile(tiny_encoder, png_dataset, tmp_path, **{"network_def#num_queries": 3})
+        run_medsmile(
+            tiny_encoder, png_dataset, tmp_path, round_training=round_training, **{"network_def#num_queries": 3}
+        )
     assert "different configuration (changed: ['optimizer'])" in chain(err.value)
     # switching a train handler off is not: the same run resumes, nothing retrained
     attached.clear()
@@ -173,7 +176,8 @@ def test_json_overrides_swap_the_optimizer_network_and_handlers(tiny_encoder, pn
         tiny_encoder,
         png_dataset,
         tmp_path,
-        **{"optimizer#_target_": "torch.optim.SGD", "optimizer#momentum": 0.9, "network_def#num_queries": 3},
+        round_training=round_training,
+        **swapped,
         **{"train_handlers#0#_disabled_": True},
     )
     assert steps["SGD"] == 0 and attached == []
