@@ -206,3 +206,23 @@ def test_run_recorded_before_the_parts_existed_resumes_with_the_defaults(tiny_en
         run_medsmile(tiny_encoder, png_dataset, tmp_path, **{"optimizer#weight_decay": 0.1})
     assert "different configuration (changed: ['optimizer'])" in chain(err.value)
     assert (label_file.read_bytes(), os.stat(label_file).st_mtime_ns) == before
+
+
+def test_every_option_is_written_once_in_medsmile_json_with_its_note(tmp_path):
+    """The pipeline's options are the arguments of medsmile.json's pipeline item, each with a note; their defaults
+    are its values (bundle_options); a misspelt option is refused by name instead of silently ignored."""
+    with open(CONFIG) as f:
+        config = json.load(f)
+    names = [k for k in config["pipeline"] if k != "_target_"]
+    assert [k for k in names if k not in config["hyperparameter_notes"]] == []
+    assert set(pipeline_module.OPTION_RULES) <= set(names) and set(pipeline_module.ADDED_OPTIONS) <= set(names)
+    defaults = pipeline_module.bundle_options()
+    assert {k: defaults[k] for k in ("num_queries", "head_learning_rate", "refine", "feature_layers")} == {
+        k: config[k] for k in ("num_queries", "head_learning_rate", "refine", "feature_layers")
+    }
+    assert defaults["inference_config"] == os.path.join(BUNDLE_ROOT, "configs", "inference.json")
+    pipeline = pipeline_module.MedSMILEPipeline(str(tmp_path), str(tmp_path / "m.pt"), num_queries=5)
+    assert pipeline.num_queries == 5 and pipeline.epochs == config["epochs"]
+    assert pipeline.cfg["network_def"]["num_queries"] == 5  # the training parts see the given options
+    with pytest.raises(ValueError, match=r"unknown pipeline option\(s\) \['num_querys'\]: the options are"):
+        pipeline_module.MedSMILEPipeline(str(tmp_path), str(tmp_path / "m.pt"), num_querys=5)

