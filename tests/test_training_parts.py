@@ -14,6 +14,7 @@ import torch
 from conftest import BUNDLE_ROOT, TINY_OVERRIDES
 from monai.bundle import ConfigParser, run
 from monai.handlers import StatsHandler
+from test_bundle_e2e import chain
 
 import scripts.pipeline as pipeline_module
 from scripts.losses import Mask2FormerSemanticLoss, SemanticDiceCELoss
@@ -26,14 +27,6 @@ PARTS = ("network_def", "optimizer", "lr_scheduler", "loss_function", "train_han
 
 class SmallerHead(Mask2FormerDinov2):
     """A network_def target other than Mask2FormerDinov2 itself (network.json must name it)."""
-
-
-def chain(exc: BaseException) -> str:
-    parts = []
-    while exc is not None:
-        parts.append(f"{type(exc).__name__}: {exc}")
-        exc = exc.__cause__ or exc.__context__
-    return "\n".join(parts)
 
 
 def run_medsmile(tiny_encoder, data, out, **overrides):
