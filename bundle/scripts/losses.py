@@ -132,6 +132,17 @@ class Mask2FormerSemanticLoss(nn.Module):
         return loss
 
 
+# the ``loss`` option's choices: which class medsmile.json's ``loss_function`` part builds
+LOSSES = {"mask2former": Mask2FormerSemanticLoss, "dicece": SemanticDiceCELoss}
+
+
+def loss_class(name: str) -> type[nn.Module]:
+    """The loss class ``loss`` names (medsmile.json's ``loss_function`` target), refused by name when unknown."""
+    if name not in LOSSES:
+        raise ValueError(f"loss={name!r} must be one of {tuple(LOSSES)}")
+    return LOSSES[name]
+
+
 def query_output_rows(out, rows: slice | torch.Tensor) -> SimpleNamespace:
     """The per-query outputs Mask2Former's loss reads (class and mask logits, auxiliary layers) for ``rows`` of the
     batch."""

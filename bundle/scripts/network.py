@@ -16,6 +16,7 @@ With a frozen backbone the token grid of an image never changes, so a round comp
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -302,4 +303,8 @@ def network_from_file(path: str | os.PathLike) -> Mask2FormerDinov2:
         spec = json.load(f)
     spec = {k: v for k, v in spec.items() if k not in RECORD_KEYS}
     spec.setdefault("feature_pyramid", "upsample_first")  # network.json of bundles before 0.4.0
-    return Mask2FormerDinov2(**spec)
+    target = spec.pop("_target_", None)  # a subclass that the run's network_def named
+    if target is None:
+        return Mask2FormerDinov2(**spec)
+    module, _, name = target.rpartition(".")
+    return getattr(importlib.import_module(module), name)(**spec)
