@@ -9,12 +9,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, run_medsmile
 from ignite.engine import Engine, Events
 from monai.data import Dataset
 from monai.engines.utils import IterationEvents
 from monai.utils import set_determinism
-from test_bundle_e2e import run_medsmile
 
 from scripts import consistency as cons
 from scripts import training

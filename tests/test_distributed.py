@@ -20,9 +20,8 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE_ROOT, TINY_OVERRIDES
+from conftest import BUNDLE_ROOT, TINY_OVERRIDES, run_medsmile
 from PIL import Image
-from test_bundle_e2e import run_medsmile
 
 TIMEOUT_S = 180
 

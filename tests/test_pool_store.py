@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from test_bundle_e2e import run_medsmile
+from conftest import run_medsmile
 
 from scripts.pool_store import ArrayStore, DiskArray, RowItems
 

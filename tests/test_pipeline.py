@@ -10,32 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE_ROOT, TINY_OVERRIDES
+from conftest import BUNDLE_ROOT, CONFIGS, TINY_OVERRIDES, chain, run_medsmile
 from monai.bundle import ConfigParser, run
 from PIL import Image
-
-CONFIGS = os.path.join(BUNDLE_ROOT, "configs")
-
-
-def chain(exc: BaseException) -> str:
-    """Messages of an exception and its causes (monai.bundle.run wraps errors raised inside config expressions)."""
-    parts = []
-    while exc is not None:
-        parts.append(f"{type(exc).__name__}: {exc}")
-        exc = exc.__cause__ or exc.__context__
-    return "\n".join(parts)
-
-
-def run_medsmile(tiny_encoder: str, out, **overrides) -> dict:
-    args = {
-        "output_dir": str(out / "run"),
-        "model_path": str(out / "models" / "model.pt"),
-        "encoder_weights": tiny_encoder,
-        **TINY_OVERRIDES,
-        **overrides,
-    }
-    run(config_file=os.path.join(CONFIGS, "medsmile.json"), bundle_root=BUNDLE_ROOT, **args)
-    return args
 
 
 def test_pipeline_writes_every_artefact_and_inference_runs(tiny_encoder, png_dataset, tmp_path):

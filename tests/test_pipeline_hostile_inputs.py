@@ -11,8 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
+from conftest import chain, run_medsmile
 from PIL import Image
-from test_bundle_e2e import chain, run_medsmile
 from test_image_io import write_dicom
 
 BAD = {"zero.png", "truncated.jpg", "nan.nii.gz", "fourd.nii.gz", "nopixels.dcm"}

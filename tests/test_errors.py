@@ -16,10 +16,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE_ROOT, TINY_OVERRIDES
+from conftest import BUNDLE_ROOT, CONFIGS, TINY_OVERRIDES, chain, run_medsmile
 from monai.bundle import run
 from PIL import Image
-from test_bundle_e2e import CONFIGS, chain, run_medsmile
 from test_image_io import write_dicom
 
 from scripts import image_io

@@ -11,10 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import BUNDLE_ROOT, TINY_OVERRIDES
+from conftest import BUNDLE_ROOT, TINY_OVERRIDES, chain
 from monai.bundle import ConfigParser, run
 from monai.handlers import StatsHandler
-from test_bundle_e2e import chain
 
 import scripts.pipeline as pipeline_module
 from scripts.losses import Mask2FormerSemanticLoss, SemanticDiceCELoss
@@ -78,7 +77,7 @@ def test_network_json_names_a_swapped_network_class_and_rebuilds_it(tiny_encoder
     part = functools.partial(SmallerHead, num_classes=2, num_queries=3, hidden_dim=32, decoder_layers=1)
     pipeline = pipeline_module.MedSMILEPipeline(str(tmp_path), str(tmp_path / "m.pt"), network_def=part)
     spec = {"num_classes": 2, "encoder_config": tiny_encoder, **pipeline._decoder_kwargs()}
-    assert spec["_target_"] == "test_training_parts.SmallerHead"
+    assert spec["_target_"] == "test_pipeline_training_parts.SmallerHead"
     assert spec["feature_pyramid"] == "project_first"  # left at its default: written, not assumed by the reader
     (tmp_path / "network.json").write_text(json.dumps(spec))
     rebuilt = network_from_file(tmp_path / "network.json")
