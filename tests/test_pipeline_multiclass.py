@@ -54,9 +54,9 @@ def monailabel_constants(monkeypatch):
 def test_three_classes_end_to_end(tiny_encoder, tmp_path, monkeypatch):
     pytest.importorskip("monai.deploy", reason="MONAI Deploy App SDK not installed (pip install -e '.[deploy]')")
     pytest.importorskip("highdicom")
+    from conftest import run_medsmile
     from test_deploy_app import disc, make_bundle, read_seg, run_app, write_series
     from test_model_files import run_inference
-    from conftest import run_medsmile
 
     from scripts.demo_data import make_demo_data
 

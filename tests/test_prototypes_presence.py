@@ -176,8 +176,8 @@ def test_small_reference_warning_names_the_fraction_and_k_shot():
 
 
 def test_pipeline_warns_about_a_small_reference(tiny_encoder, png_dataset, tmp_path, caplog):
-    from PIL import Image
     from conftest import run_medsmile
+    from PIL import Image
 
     mask = np.zeros((48, 64), dtype=np.uint8)
     mask[20:22, 30:32] = 255  # 4 of 3072 pixels
