@@ -236,6 +236,7 @@ class _Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_mid_round_restores_the_teacher(tiny_encoder, tmp_path, monkeypatch):
     def round_(ckpt_dir):
         network = tiny_network(tiny_encoder)
@@ -290,6 +291,7 @@ def test_unknown_round_training_is_refused_before_any_compute(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_in_consistency_mode_keeps_the_teachers(tiny_encoder, png_dataset, tmp_path, monkeypatch):
     teachers, students = [], []
     finished = ConsistencyStep.finished_teacher
@@ -325,6 +327,7 @@ def test_tiny_pipeline_in_consistency_mode_keeps_the_teachers(tiny_encoder, png_
     assert all(0 <= e["confident_fraction"] <= 1 and e["loss_labelled"] > 0 for e in logged)
 
 
+@pytest.mark.slow
 def test_two_processes_train_a_consistency_round_like_one(tiny_encoder, png_dataset, tmp_path):
     """torchrun, 2 CPU processes: each rank keeps the teacher of the DDP student (the same on both ranks, since DDP
     keeps the students equal); the run ends with the single-process run's files, iteration counts and, within the

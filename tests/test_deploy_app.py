@@ -137,6 +137,7 @@ def png_mask(path):
     return np.asarray(Image.open(path))
 
 
+@pytest.mark.slow
 def test_deploy_app_dicom_seg_and_png_masks_equal_bundle_inference(tiny_encoder, png_dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))  # the app puts the bundle folders on sys.path
     # 1. a tiny model, as test_pipeline trains it (one round), in a bundle folder; and the probe network's bundle

@@ -15,6 +15,7 @@ from monai.bundle import ConfigParser, run
 from PIL import Image
 
 
+@pytest.mark.slow
 def test_pipeline_writes_every_artefact_and_inference_runs(tiny_encoder, png_dataset, tmp_path):
     data = png_dataset
     args = run_medsmile(tiny_encoder, tmp_path, refine=True, **data["inputs"])  # the paper's KNN step, off by default
@@ -81,6 +82,7 @@ def test_pipeline_writes_every_artefact_and_inference_runs(tiny_encoder, png_dat
         assert mask.shape == (h, w)
 
 
+@pytest.mark.slow
 def test_volume_pseudo_labels_keep_geometry(tiny_encoder, png_dataset, tmp_path):
     data = png_dataset
     rng = np.random.default_rng(1)
@@ -153,6 +155,7 @@ def test_size_mismatch_and_unreadable_file_name_the_file(tiny_encoder, png_datas
     assert "broken.png" in chain(err.value)
 
 
+@pytest.mark.slow
 def test_finished_run_is_never_overwritten(tiny_encoder, png_dataset, tmp_path):
     data = png_dataset
     common = {
@@ -180,6 +183,7 @@ def test_finished_run_is_never_overwritten(tiny_encoder, png_dataset, tmp_path):
     assert (label_file.read_bytes(), os.stat(label_file).st_mtime_ns) == before
 
 
+@pytest.mark.slow
 def test_run_recorded_before_an_option_existed_still_resumes(tiny_encoder, png_dataset, tmp_path):
     common = {k: png_dataset[k] for k in ("dataset_dir", "reference_image", "reference_label")}
     run_medsmile(tiny_encoder, tmp_path, num_rounds=1, **common)
@@ -214,6 +218,7 @@ def test_run_recorded_before_an_option_existed_still_resumes(tiny_encoder, png_d
     assert (label_file.read_bytes(), os.stat(label_file).st_mtime_ns) == before
 
 
+@pytest.mark.slow
 def test_foreground_contrast_shapes_the_round0_labels(tiny_encoder, png_dataset, tmp_path):
     common = {k: png_dataset[k] for k in ("dataset_dir", "reference_image", "reference_label")}
     fractions = {}
@@ -229,6 +234,7 @@ def test_foreground_contrast_shapes_the_round0_labels(tiny_encoder, png_dataset,
     assert "foreground_contrast='high' must be a number or null" in chain(err.value)
 
 
+@pytest.mark.slow
 def test_more_rounds_extend_a_finished_run(tiny_encoder, png_dataset, tmp_path):
     common = {k: png_dataset[k] for k in ("dataset_dir", "reference_image", "reference_label")}
     run_medsmile(tiny_encoder, tmp_path, num_rounds=1, **common)
@@ -253,6 +259,7 @@ def test_more_rounds_extend_a_finished_run(tiny_encoder, png_dataset, tmp_path):
     assert (tmp_path / "run" / "round_2" / "model.pt").is_file()
 
 
+@pytest.mark.slow
 def test_a_moved_run_folder_resumes_from_its_new_place(tiny_encoder, png_dataset, tmp_path):
     common = {k: png_dataset[k] for k in ("dataset_dir", "reference_image", "reference_label")}
     run_medsmile(tiny_encoder, tmp_path / "old", num_rounds=1, **common)
@@ -275,6 +282,7 @@ def test_metadata_verifies_offline():
     )
 
 
+@pytest.mark.slow
 def test_finetuned_encoder_feeds_every_later_stage(tiny_encoder, png_dataset, tmp_path, monkeypatch):
     from scripts import network as network_module
     from scripts.encoder import load_dinov2
@@ -333,6 +341,7 @@ def test_suggest_command_ranks_the_pool_through_medsmile_json(tiny_encoder, png_
     assert Image.open(tmp_path / "out" / "suggestions" / "preview.png").size[0] > 0
 
 
+@pytest.mark.slow
 def test_k_shot_references_leave_the_pool_and_keep_their_true_labels(tiny_encoder, png_dataset, tmp_path, monkeypatch):
     """K = 2: the second labelled image is a pool file; it must leave the pool (no pseudo-label is ever written for
     it) and every round must train on it with its true mask."""
@@ -396,6 +405,7 @@ def test_a_switch_that_is_not_a_boolean_is_refused(tiny_encoder, png_dataset, tm
     assert "refine must be true or false, got 'maybe'" in chain(err.value)
 
 
+@pytest.mark.slow
 def test_linear_probe_round0_is_recorded_and_saved(tiny_encoder, png_dataset, tmp_path):
     common = {k: png_dataset[k] for k in ("dataset_dir", "reference_image", "reference_label")}
     run_medsmile(tiny_encoder, tmp_path / "probe", num_rounds=0, round0_classifier="linear_probe", **common)
@@ -414,6 +424,7 @@ def test_linear_probe_round0_is_recorded_and_saved(tiny_encoder, png_dataset, tm
     assert "round0_classifier='svm' must be one of ('prototypes', 'linear_probe')" in chain(err.value)
 
 
+@pytest.mark.slow
 def test_reference_rotations_give_round0_four_views_of_the_reference(tiny_encoder, png_dataset, tmp_path, monkeypatch):
     import scripts.pipeline
 

@@ -51,6 +51,7 @@ def monailabel_constants(monkeypatch):
     return module.TrainedModelConstants
 
 
+@pytest.mark.slow
 def test_three_classes_end_to_end(tiny_encoder, tmp_path, monkeypatch):
     pytest.importorskip("monai.deploy", reason="MONAI Deploy App SDK not installed (pip install -e '.[deploy]')")
     pytest.importorskip("highdicom")

@@ -118,6 +118,7 @@ def test_train_round_builds_the_given_optimizer_and_schedule(tiny_encoder, tmp_p
     assert group["lr"] == pytest.approx(1e-3 * 0.5)  # the head learning rate (None: learning_rate), annealed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("round_training", ["pseudo_labels", "consistency"])
 def test_json_overrides_swap_the_optimizer_network_and_handlers(
     tiny_encoder, png_dataset, tmp_path, monkeypatch, round_training
@@ -175,6 +176,7 @@ def test_json_overrides_swap_the_optimizer_network_and_handlers(
     assert steps["SGD"] == 0 and attached == []
 
 
+@pytest.mark.slow
 def test_run_recorded_before_the_parts_existed_resumes_with_the_defaults(tiny_encoder, png_dataset, tmp_path):
     run_medsmile(tiny_encoder, png_dataset, tmp_path)
     record_file = tmp_path / "run" / "run_config.json"

@@ -110,6 +110,7 @@ def disc_volume(rng: np.random.Generator, size: int, slices: int, present: set[i
     return volume.astype(np.int16), mask
 
 
+@pytest.mark.slow
 def test_a_volume_comes_back_empty_on_the_slices_without_the_structure(tiny_encoder, tmp_path):
     """NIfTI in, NIfTI out: round 0 with ``presence_threshold`` labels every slice without the disc all background
     and keeps foreground on the slices that show it; the written labels keep the volume's geometry. The plain
@@ -175,6 +176,7 @@ def test_small_reference_warning_names_the_fraction_and_k_shot():
     assert "class 2 covers 0.25%" in small_reference_warning([three], 3)
 
 
+@pytest.mark.slow
 def test_pipeline_warns_about_a_small_reference(tiny_encoder, png_dataset, tmp_path, caplog):
     from conftest import run_medsmile
     from PIL import Image
