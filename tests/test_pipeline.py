@@ -216,6 +216,13 @@ def test_run_recorded_before_an_option_existed_still_resumes(tiny_encoder, png_d
         run_medsmile(tiny_encoder, tmp_path, num_rounds=1, foreground_contrast=0.5, **common)
     assert "different configuration (changed: ['foreground_contrast'])" in chain(err.value)
     assert (label_file.read_bytes(), os.stat(label_file).st_mtime_ns) == before
+    # as written by 0.4.0: consistency options recorded, no consistency_loss (added in 0.5.0 with a new default);
+    # a pseudo_labels round computes nothing from them, so the run resumes, also with another consistency weight
+    old = {**record["config"], "consistency_weight": 1.0, "consistency_threshold": 0.95}
+    old.pop("consistency_loss", None)
+    record_file.write_text(json.dumps({"fingerprint": "older", "config": old}))
+    run_medsmile(tiny_encoder, tmp_path, num_rounds=1, consistency_weight=3.0, **common)
+    assert (label_file.read_bytes(), os.stat(label_file).st_mtime_ns) == before
 
 
 @pytest.mark.slow

@@ -409,8 +409,12 @@ class MedSMILEPipeline:
 
     # ------------------------------------------------------------------ set-up
     def _recorded_config(self) -> dict:
-        """The settings that decide a run's results, as JSON values."""
-        keys = sorted(k for k in self.cfg if k not in UNRECORDED_KEYS)
+        """The settings that decide a run's results, as JSON values; the consistency_* options only in a
+        consistency run (a pseudo_labels run computes nothing from them, so changing them never blocks its resume)."""
+        consistency = self.cfg["round_training"] == "consistency"
+        keys = sorted(
+            k for k in self.cfg if k not in UNRECORDED_KEYS and (consistency or not k.startswith("consistency_"))
+        )
         return json.loads(json.dumps({k: self.cfg[k] for k in keys}, sort_keys=True, default=str))
 
     def _config_fingerprint(self) -> str:
