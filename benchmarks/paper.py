@@ -88,7 +88,7 @@ def choose_split(data_root: str, dataset: str, seed: int, pool_size: int, test_s
     reference = None
     for i in order:
         subset, stem = train[i]
-        if read_label(mask_path(data_root, subset, stem)).any():
+        if read_label(mask_path(data_root, subset, stem), num_classes=2).any():
             reference = (subset, stem)
             break
     rest = [train[i] for i in order if train[i] != reference]
@@ -117,7 +117,7 @@ def suggested_split(split: dict, data_root: str, profile: str, out_dir: str, see
     by_path = {os.path.realpath(image_path(data_root, *case)): case for case in population}
     with open(os.path.join(out_dir, "suggestions", "ranking.csv"), newline="") as f:
         ranked = [by_path[os.path.realpath(row["source"])] for row in csv.DictReader(f)]
-    reference = next(c for c in ranked if read_label(mask_path(data_root, *c)).any())
+    reference = next(c for c in ranked if read_label(mask_path(data_root, *c), num_classes=2).any())
     return {**split, "reference": reference, "pool": [c for c in population if c != reference]}
 
 
@@ -172,8 +172,8 @@ def pool_label_dice(run_dir: str, data_root: str, presence: list | None = None) 
         scores, present = [], []
         for name, rel in files.items():
             subset, _, stem = name.split("/")  # "<subset>/images/<stem>"
-            pred = read_label(os.path.join(run_dir, f"round_{r}", rel), binarize=False)
-            truth = read_label(mask_path(data_root, subset, stem))
+            pred = read_label(os.path.join(run_dir, f"round_{r}", rel), num_classes=2)
+            truth = read_label(mask_path(data_root, subset, stem), num_classes=2)
             scores.append(segmentation_scores(pred, truth, 2))
             present.append((bool(truth.any()), bool(pred.any())))
         out.append(summarize(scores, 2)["mean_dice"])
@@ -196,7 +196,9 @@ def predict_scores(network: torch.nn.Module, data_root: str, cases: list, image_
         probs = infer(resize_image(slices[0], image_size)[None], network).softmax(1)
         probs = F.interpolate(probs, size=slices[0].shape[1:], mode="bilinear", align_corners=False)
         scores.append(
-            segmentation_scores(probs.argmax(1)[0].numpy(), read_label(mask_path(data_root, subset, stem)), 2)
+            segmentation_scores(
+                probs.argmax(1)[0].numpy(), read_label(mask_path(data_root, subset, stem), num_classes=2), 2
+            )
         )
     s = summarize(scores, 2)
     return {"dice": s["mean_dice"], "iou": s["mean_iou"]}
@@ -236,7 +238,7 @@ def round0_test(cfg: dict, data_root: str, split: dict, run_dir: str | None = No
     encoder = load_dinov2(resolve_encoder(source)).eval()
     subset, stem = split["reference"]
     _, ref = read_case(image_path(data_root, subset, stem))
-    ref_label = torch.as_tensor(read_label(mask_path(data_root, subset, stem))).long()
+    ref_label = torch.as_tensor(read_label(mask_path(data_root, subset, stem), num_classes=2)).long()
     views = (
         rotated_views(torch.as_tensor(ref[0]), ref_label) if cfg.get("reference_rotations") else [(ref[0], ref_label)]
     )
@@ -254,7 +256,7 @@ def round0_test(cfg: dict, data_root: str, split: dict, run_dir: str | None = No
             feats, _ = dinov2_features(encoder, resize_image(slices[0], feature_size)[None], **options)
             cosine = foreground_contrast_scores(classifier(feats), cfg.get("foreground_contrast"))
             pred = soft_labels(cosine, slices[0].shape[1:]).argmax(1)[0]
-            truth = read_label(mask_path(data_root, test_subset, test_stem))
+            truth = read_label(mask_path(data_root, test_subset, test_stem), num_classes=2)
             scores.append(segmentation_scores(pred.numpy(), truth, 2))
         s = summarize(scores, 2)
         result[test_subset] = {"dice": s["mean_dice"], "iou": s["mean_iou"]}
@@ -295,7 +297,9 @@ def supervised_ceiling(cfg: dict, data_root: str, split: dict, out_dir: str) -> 
     items = []
     for i, (subset, stem) in enumerate(split["pool"] + [split["reference"]]):
         _, slices = read_case(image_path(data_root, subset, stem))
-        label = torch.as_tensor(read_label(mask_path(data_root, subset, stem)), dtype=torch.float32)[None, None]
+        label = torch.as_tensor(read_label(mask_path(data_root, subset, stem), num_classes=2), dtype=torch.float32)[
+            None, None
+        ]
         label = F.interpolate(label, size=(size, size), mode="nearest")[0].to(torch.uint8)
         items.append({"image": to_uint8(resize_image(slices[0], size)), "label": label, "index": i})
     network = Mask2FormerDinov2(

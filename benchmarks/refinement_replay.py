@@ -52,7 +52,9 @@ def replay(run_root: str, round_index: int, quantiles=QUANTILES, neighbours=NEIG
     truths = []
     for source in sources:
         subset = os.path.basename(os.path.dirname(os.path.dirname(source)))
-        truths.append(read_label(mask_path(data_root, subset, os.path.splitext(os.path.basename(source))[0])))
+        truths.append(
+            read_label(mask_path(data_root, subset, os.path.splitext(os.path.basename(source))[0]), num_classes=2)
+        )
     network = network_from_file(os.path.join(run_root, "models", "network.json"))
     state = torch.load(os.path.join(run_dir, f"round_{round_index}", "model.pt"), weights_only=True)
     network.load_state_dict(state)

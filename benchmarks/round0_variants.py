@@ -23,6 +23,7 @@ from benchmarks.paper import DATASETS, choose_split, image_path, mask_path
 from scripts.encoder import load_dinov2, resolve_encoder
 from scripts.image_io import read_case, read_label
 from scripts.metrics import presence_summary, segmentation_scores, summarize
+from scripts.network import imagenet_normalize
 from scripts.pool import resize_image
 from scripts.prototypes import (
     PROBE_CELLS_PER_IMAGE,
@@ -46,9 +47,7 @@ def layer_features(encoder, image: torch.Tensor, size: int) -> torch.Tensor:
     x = resize_image(image, size)[None]
     x = x.as_tensor() if hasattr(x, "as_tensor") else x  # plain tensor: the cache loads with weights_only
     x = torch.cat([x, x.flip(-1)])
-    mean = x.new_tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
-    std = x.new_tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
-    out = encoder(pixel_values=(x - mean) / std, output_hidden_states=True)
+    out = encoder(pixel_values=imagenet_normalize(x), output_hidden_states=True)
     p = encoder.config.patch_size
     grids = []
     for layer in LAYERS:
@@ -440,7 +439,7 @@ def reference_class_means(features: torch.Tensor, label: torch.Tensor, prototype
 def k_shot(split: dict, data_root: str, k: int) -> dict:
     """The seed's reference plus the first k - 1 pool images with a non-empty mask as references; they leave the
     pool, as in the pipeline."""
-    extra = [item for item in split["pool"] if read_label(mask_path(data_root, *item)).any()][: k - 1]
+    extra = [item for item in split["pool"] if read_label(mask_path(data_root, *item), num_classes=2).any()][: k - 1]
     return {
         "references": [split["reference"], *extra],
         "pool": [item for item in split["pool"] if item not in extra],
@@ -470,12 +469,13 @@ def evaluate(feats: dict, split: dict, data_root: str, variant: dict) -> dict:
     views = [(ref, 0) for ref in refs] + [(ref, k) for ref in refs for k in variant.get("rotations", ())]
     view_features = [feature(ref if k == 0 else ("rot", k, ref)) for ref, k in views]
     view_labels = [
-        torch.as_tensor(read_label(mask_path(data_root, *ref))).long().rot90(k, (-2, -1)) for ref, k in views
+        torch.as_tensor(read_label(mask_path(data_root, *ref), num_classes=2)).long().rot90(k, (-2, -1))
+        for ref, k in views
     ]
     protos = class_prototypes(view_features, view_labels, 2)
     shift = torch.zeros(2)
     if variant.get("center"):
-        ref_label = torch.as_tensor(read_label(mask_path(data_root, *refs[0]))).long()
+        ref_label = torch.as_tensor(read_label(mask_path(data_root, *refs[0]), num_classes=2)).long()
         shift = reference_class_means(feature(refs[0]), ref_label, protos)
     shift[1] += variant.get("offset", 0.0)  # the foreground score must beat the background's by this margin
     ref_cells = None
@@ -536,7 +536,7 @@ def evaluate(feats: dict, split: dict, data_root: str, variant: dict) -> dict:
             absent = [bool(presence_score(s) <= threshold) for s in pool_scores]
     scores, fg_prec, fg_rec, present = [], [], [], []
     for item, s, is_absent in zip(split["pool"], pool_scores, absent, strict=True):
-        truth = read_label(mask_path(data_root, *item))
+        truth = read_label(mask_path(data_root, *item), num_classes=2)
         pred = soft_labels(s, truth.shape).argmax(1)[0].numpy()
         if is_absent:
             pred = np.zeros_like(pred)
@@ -607,7 +607,7 @@ def reference_sizes(feats: dict, split: dict, data_root: str) -> list[dict]:
     which round 0 collapses."""
     from benchmarks.suggest_round0 import round0_dice_matrix
 
-    truths = [torch.as_tensor(read_label(mask_path(data_root, *item)) > 0) for item in split["pool"]]
+    truths = [torch.as_tensor(read_label(mask_path(data_root, *item), num_classes=2) > 0) for item in split["pool"]]
     candidates = [i for i, t in enumerate(truths) if t.any()]
     patches = torch.stack([select(feats[item], "multi", True) for item in split["pool"]])
     matrix = round0_dice_matrix(patches, truths, candidates)

@@ -115,7 +115,7 @@ def run_dataset(args, name: str, encoder) -> dict:
     pool = ImagePool.load(sources, args.feature_size, 14, dataset_root=os.path.dirname(sources[0]))
     truths = []
     for stem, item in zip(stems, pool.items, strict=True):
-        truth = torch.as_tensor(read_label(mask_path(args.data_root, subset, stem)) > 0)
+        truth = torch.as_tensor(read_label(mask_path(args.data_root, subset, stem), num_classes=2) > 0)
         if tuple(truth.shape) != item.native_shape:
             raise ValueError(f"{subset}/{stem}: mask {tuple(truth.shape)} vs image {item.native_shape}")
         truths.append(truth)

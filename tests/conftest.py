@@ -6,10 +6,34 @@ import os
 
 import pytest
 import torch
+from monai.bundle import run
 
 from benchmarks.tiny_bundle import TINY_OVERRIDES, blob_image, make_tiny_encoder, write_blob_dataset  # noqa: F401 (re-exported)
 
 BUNDLE_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle")
+CONFIGS = os.path.join(BUNDLE_ROOT, "configs")
+
+
+def chain(exc: BaseException) -> str:
+    """Messages of an exception and its causes (monai.bundle.run wraps errors raised inside config expressions)."""
+    parts = []
+    while exc is not None:
+        parts.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
+
+
+def run_medsmile(tiny_encoder: str, out, **overrides) -> dict:
+    """`monai.bundle run` of medsmile.json with the tiny encoder and sizes; output in out/run, model in out/models."""
+    args = {
+        "output_dir": str(out / "run"),
+        "model_path": str(out / "models" / "model.pt"),
+        "encoder_weights": tiny_encoder,
+        **TINY_OVERRIDES,
+        **overrides,
+    }
+    run(config_file=os.path.join(CONFIGS, "medsmile.json"), bundle_root=BUNDLE_ROOT, **args)
+    return args
 
 
 @pytest.fixture(scope="session")

@@ -9,12 +9,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, run_medsmile
 from ignite.engine import Engine, Events
 from monai.data import Dataset
 from monai.engines.utils import IterationEvents
 from monai.utils import set_determinism
-from test_bundle_e2e import run_medsmile
 
 from scripts import consistency as cons
 from scripts import training
@@ -22,11 +21,13 @@ from scripts.consistency import (
     ConsistencyStep,
     confidence_mask,
     confident_cross_entropy,
+    confident_round_loss,
+    confident_targets,
     cutmix,
     cutmix_boxes,
     teacher_momentum,
 )
-from scripts.losses import Mask2FormerSemanticLoss
+from scripts.losses import IGNORE_LABEL, Mask2FormerSemanticLoss, SemanticDiceCELoss, semantic_to_instances
 from scripts.network import Mask2FormerDinov2, WithQueryOutputs
 from scripts.pipeline import MedSMILEPipeline
 from scripts.token_cache import TOKEN_VIEWS, fill_token_views, token_training_transform
@@ -156,6 +157,38 @@ def test_confident_cross_entropy_by_hand():
     assert confident_cross_entropy(probs.log(), target, ~confident).item() == pytest.approx(-math.log(0.7) / 2)
 
 
+def test_confident_targets_ignore_unsure_pixels_but_keep_the_classes_the_teacher_sees():
+    target = torch.tensor([[[0, 1], [1, 0]], [[0, 0], [0, 0]]])
+    confident = torch.tensor([[[True, False], [False, True]], [[True, True], [False, True]]])
+    label, classes = confident_targets(target, confident)
+    assert label.shape == (2, 1, 2, 2)
+    assert label[0, 0].tolist() == [[0, IGNORE_LABEL], [IGNORE_LABEL, 0]]
+    assert label[1, 0].tolist() == [[0, 0], [IGNORE_LABEL, 0]]
+    assert classes == [[0, 1], [0]]  # image 0: class 1 has no confident pixel and is still an object
+    # the set loss's object masks: class 1 of image 0 is the network's own probability where unsure, 0 elsewhere
+    fill = torch.full((2, 2, 2, 2), 0.25)
+    masks, ids = semantic_to_instances(label, 2, fill, present=classes)
+    assert ids[0].tolist() == [0, 1] and ids[1].tolist() == [0]
+    assert masks[0][1].tolist() == [[0.0, 0.25], [0.25, 0.0]]
+    assert masks[0][0].tolist() == [[1.0, 0.25], [0.25, 1.0]]
+
+
+def test_confident_round_loss_is_the_round_loss_on_confident_pixels_times_their_fraction():
+    """With the pixel loss (CE + Dice): rows 1..2 of a forward of 3, image 2 has no confident pixel and is left out,
+    image 1's unsure pixel is ignored; the result is scaled by 3 confident pixels of 8."""
+    torch.manual_seed(0)
+    log_probs = torch.randn(3, 2, 2, 2).log_softmax(1)
+    target = torch.tensor([[[0, 1], [1, 1]], [[0, 1], [0, 1]]])
+    confident = torch.tensor([[[True, True], [False, True]], [[False, False], [False, False]]])
+    loss_function = SemanticDiceCELoss(2)
+    got = confident_round_loss(loss_function, (log_probs, None), target, confident, slice(1, 3))
+    label = torch.tensor([[[[0, 1], [IGNORE_LABEL, 1]]]])
+    expected = loss_function(log_probs[1:2], label) * 3 / 8
+    torch.testing.assert_close(got, expected)
+    nothing = confident_round_loss(loss_function, (log_probs, None), target, confident & False, slice(1, 3))
+    assert nothing.item() == 0.0
+
+
 def test_set_loss_of_rows_of_a_shared_forward_is_the_loss_of_those_images_alone(tiny_encoder):
     network = tiny_network(tiny_encoder).train()
     _, labels, tokens = tiny_pool(network)
@@ -203,6 +236,7 @@ class _Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_mid_round_restores_the_teacher(tiny_encoder, tmp_path, monkeypatch):
     def round_(ckpt_dir):
         network = tiny_network(tiny_encoder)
@@ -257,6 +291,7 @@ def test_unknown_round_training_is_refused_before_any_compute(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_in_consistency_mode_keeps_the_teachers(tiny_encoder, png_dataset, tmp_path, monkeypatch):
     teachers, students = [], []
     finished = ConsistencyStep.finished_teacher
@@ -292,6 +327,7 @@ def test_tiny_pipeline_in_consistency_mode_keeps_the_teachers(tiny_encoder, png_
     assert all(0 <= e["confident_fraction"] <= 1 and e["loss_labelled"] > 0 for e in logged)
 
 
+@pytest.mark.slow
 def test_two_processes_train_a_consistency_round_like_one(tiny_encoder, png_dataset, tmp_path):
     """torchrun, 2 CPU processes: each rank keeps the teacher of the DDP student (the same on both ranks, since DDP
     keeps the students equal); the run ends with the single-process run's files, iteration counts and, within the

@@ -1,6 +1,6 @@
 """The MONAI Deploy app (bundle/deploy) end to end on CPU: DICOM -> DICOM SEG, PNG/NIfTI -> PNG/NIfTI masks.
 
-A tiny model is trained with medsmile.json (as in test_bundle_e2e.py) and assembled into a bundle folder (configs,
+A tiny model is trained with medsmile.json (as in test_pipeline.py) and assembled into a bundle folder (configs,
 scripts, models). The app runs in-process; every mask it writes is compared, pixel for pixel, with inference.json run
 by ``monai.bundle.run`` on the same pixels with the same ``models/model.ts``:
 
@@ -137,9 +137,10 @@ def png_mask(path):
     return np.asarray(Image.open(path))
 
 
+@pytest.mark.slow
 def test_deploy_app_dicom_seg_and_png_masks_equal_bundle_inference(tiny_encoder, png_dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))  # the app puts the bundle folders on sys.path
-    # 1. a tiny model, as test_bundle_e2e trains it (one round), in a bundle folder; and the probe network's bundle
+    # 1. a tiny model, as test_pipeline trains it (one round), in a bundle folder; and the probe network's bundle
     run(
         config_file=os.path.join(CONFIGS, "medsmile.json"),
         bundle_root=BUNDLE_ROOT,

@@ -20,9 +20,8 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE_ROOT, TINY_OVERRIDES
+from conftest import BUNDLE_ROOT, TINY_OVERRIDES, run_medsmile
 from PIL import Image
-from test_bundle_e2e import run_medsmile
 
 TIMEOUT_S = 180
 
@@ -108,6 +107,7 @@ def uncertainties(run_dir, r) -> dict[str, float]:
         return {row["image"]: float(row["mean_pixel_entropy"]) for row in csv.DictReader(f)}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_only_rank_0_writes(tiny_encoder, png_dataset, tmp_path):
     common = {**png_dataset["inputs"], "export_torchscript": False}
     one = tmp_path / "one"
@@ -164,6 +164,7 @@ def test_two_processes_match_one_and_only_rank_0_writes(tiny_encoder, png_datase
         assert max(abs(u1[k] - u2[k]) for k in u1) < 0.01
 
 
+@pytest.mark.slow
 def test_linear_probe_round0_is_the_same_on_two_processes(tiny_encoder, png_dataset, tmp_path):
     """The probe's pool cells are drawn per image and ordered by image, so the sharding (and the padding repeat of
     an odd pool on 2 ranks) changes neither the refitted probe nor round 0's labels."""

@@ -10,6 +10,9 @@ import os
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Engine, Events
+from monai.data import list_data_collate
+from monai.engines.utils import IterationEvents
 from PIL import Image
 from transformers import Dinov2Config, Dinov2Model
 
@@ -44,10 +47,18 @@ def images() -> torch.Tensor:
     return (smooth * 255).round().to(torch.uint8)
 
 
-def _state(encoder_dir: str, lr: float = 1e-3, momentum: float = 0.996) -> ef._MoCoState:
+def _views(augment, images: torch.Tensor, seed: int) -> dict:
+    """A collated batch of multi-crop views of ``images``, the transform seeded with ``seed``."""
+    augment.set_random_state(seed)
+    return list_data_collate([augment({"image": image}) for image in images])
+
+
+def _trainer(encoder_dir: str, loader, lr: float = 1e-3, momentum: float = 0.996):
+    """A trainer (one epoch over ``loader``) and its teacher, as finetune_encoder builds them."""
     encoder = Dinov2Model.from_pretrained(encoder_dir, local_files_only=True).float()
-    augment = ef.MultiCropAugment(56, 28, 2)
-    return ef._MoCoState(encoder, 16, lr, 0.05, 0.2, momentum, augment, torch.device("cpu"), seed=0)
+    student = ef._student(encoder, 16, seed=0, device=torch.device("cpu"))
+    hp = {"learning_rate": lr, "weight_decay": 0.05, "temperature": 0.2, "ema_momentum": momentum, "epochs": 1}
+    return ef._make_trainer(student, loader, hp, torch.device("cpu"), ef._RunRecord({}))
 
 
 def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -57,22 +68,28 @@ def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------ pieces
 
 
-def test_ema_update_matches_formula():
-    teacher, student = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+def test_ema_teacher_matches_formula(tiny_encoder, images, tmp_path):
+    student = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        student.weight.copy_(torch.tensor([[8.0, 2.0]]))
+        student.bias.fill_(-3.0)
+    ema = ef._ema_teacher(student, ema_momentum=0.75)
+    teacher = ema.ema_model
     with torch.no_grad():
         teacher.weight.copy_(torch.tensor([[4.0, -2.0]]))
         teacher.bias.fill_(1.0)
-        student.weight.copy_(torch.tensor([[8.0, 2.0]]))
-        student.bias.fill_(-3.0)
-    ef.ema_update(teacher, student, momentum=0.75)
-    # 0.75 * teacher + 0.25 * student
+    engine = Engine(lambda engine, batch: None)
+    ema.attach(engine)
+    engine.run([0], max_epochs=1)  # one iteration: one EMA update
+    # 0.75 * teacher + 0.25 * student (Ignite's EMAHandler momentum is the student's weight, 1 - 0.75)
     assert teacher.weight.tolist() == [[5.0, -1.0]]
     assert teacher.bias.tolist() == [0.0]
     assert student.weight.tolist() == [[8.0, 2.0]]  # the student is left alone
-    ef.ema_update(teacher, student, momentum=1.0)
-    assert teacher.weight.tolist() == [[5.0, -1.0]]
-    ef.ema_update(teacher, student, momentum=0.0)
-    assert teacher.weight.tolist() == [[8.0, 2.0]]
+    # EMAHandler cannot freeze the teacher (1) or copy the student (0): refused up front, naming the option
+    for momentum in (1.0, 0.0):
+        with pytest.raises(ValueError, match=r"ema_momentum must be in \(0, 1\)"):
+            ef.finetune_encoder(tiny_encoder, images, str(tmp_path / "out"), ema_momentum=momentum, **SMALL)
+    assert not (tmp_path / "out").exists()
 
 
 def test_info_nce_hand_computation():
@@ -100,48 +117,91 @@ def test_moco_loss_pairs_views_with_the_other_global_view():
 
 
 def test_multicrop_shapes_range_and_determinism(images):
-    augment = ef.MultiCropAugment(56, 28, 3)
-    glob, local = augment(images[:4], torch.Generator().manual_seed(5))
+    augment = ef.multi_crop(56, 28, 3)
+    glob, local = ef._split_views(_views(augment, images[:4], 5))
     assert [tuple(v.shape) for v in glob] == [(4, 3, 56, 56)] * 2
     assert [tuple(v.shape) for v in local] == [(4, 3, 28, 28)] * 3
     assert all(v.dtype == torch.float32 and v.min() >= 0 and v.max() <= 1 for v in glob + local)
-    again, _ = augment(images[:4], torch.Generator().manual_seed(5))
+    again, _ = ef._split_views(_views(augment, images[:4], 5))
     assert torch.equal(glob[0], again[0])
     assert not torch.equal(glob[0], glob[1])
+
+
+def test_multicrop_flips_left_right_never_up_down():
+    # images are in MONAI spatial order (3, X, Y): the last axis runs from the top to the bottom of the image
+    ramp = torch.linspace(20, 220, 56).round().to(torch.uint8)
+    brighter_down = ramp.view(1, 1, 56).expand(4, 3, 56, 56)
+    brighter_right = ramp.view(1, 56, 1).expand(4, 3, 56, 56)
+    augment = ef.multi_crop(56, 28, 3)
+
+    def increasing(views: dict, dim: int) -> list[bool]:  # per view and image: is the second half brighter?
+        out = []
+        for v in views.values():
+            first, second = v.chunk(2, dim=dim)
+            out += (first.mean(dim=(1, 2, 3)) < second.mean(dim=(1, 2, 3))).tolist()
+        return out
+
+    down = increasing(_views(augment, brighter_down, 3), dim=3)
+    assert len(down) == 4 * 5 and all(down)  # never flipped up-down
+    right = increasing(_views(augment, brighter_right, 3), dim=2)
+    assert any(right) and not all(right)  # flipped left-right at random
 
 
 # ------------------------------------------------------------------------------------------------ training step
 
 
 def test_teacher_gets_no_gradient_and_moves_only_by_ema(tiny_encoder, images):
-    state = _state(tiny_encoder, momentum=0.9)
-    teacher_before = _params(state.teacher)
-    student_before = _params(state.student)
+    batch = _views(ef.multi_crop(56, 28, 2), images[:4], 0)
+    trainer, teacher = _trainer(tiny_encoder, [batch], momentum=0.9)  # one optimizer step
+    teacher_before = _params(teacher)
+    student_before = _params(trainer.network)
     assert all(torch.equal(teacher_before[k], student_before[k]) for k in student_before)  # same start
-    state.step(images[:4], torch.Generator().manual_seed(0))
-    student_after = _params(state.student)
+    trainer.run()
+    student_after = _params(trainer.network)
     assert any(not torch.equal(student_after[k], student_before[k]) for k in student_after)
-    for name, p in state.teacher.named_parameters():
+    for name, p in teacher.named_parameters():
         assert not p.requires_grad and p.grad is None, name
         expected = 0.9 * teacher_before[name] + 0.1 * student_after[name]
         torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6)
-    assert not state.teacher.training
-    assert any(p.grad is not None for p in state.student.encoder.parameters())
+    assert not teacher.training
+    assert any(p.grad is not None for p in trainer.network.encoder.parameters())
 
 
 def test_a_few_steps_lower_the_loss(tiny_encoder, images):
-    state = _state(tiny_encoder, lr=1e-3)
-    batch = images[:4]
+    batch = _views(ef.multi_crop(56, 28, 2), images[:4], 0)
+    trainer, teacher = _trainer(tiny_encoder, [batch] * 8, lr=1e-3)  # 8 steps on the same views
 
     def loss() -> float:
         with torch.no_grad():
-            return float(state.loss(batch, torch.Generator().manual_seed(0)))
+            return float(ef._views_loss(trainer.network, teacher, batch, trainer.loss_function))
 
     before = loss()
-    for _ in range(8):
-        state.step(batch, torch.Generator().manual_seed(0))
+    trainer.run()
     after = loss()
     assert after < before - 0.05, (before, after)
+
+
+def test_cosine_schedule_and_clipping_are_trainer_handlers(tiny_encoder, images, monkeypatch):
+    monkeypatch.setattr(ef, "GRAD_CLIP_NORM", 1e-3)  # far below the natural gradient norm: every step is clipped
+    batch = _views(ef.multi_crop(56, 28, 2), images[:4], 0)
+    trainer, _ = _trainer(tiny_encoder, [batch] * 4, lr=1e-3)
+    lrs, norms = [], []
+
+    def grad_norm(engine) -> None:  # registered after the GradientClipHandler
+        grads = [p.grad for p in engine.network.parameters() if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+    trainer.add_event_handler(
+        Events.ITERATION_STARTED, lambda e: lrs.append([g["lr"] for g in e.optimizer.param_groups])
+    )
+    trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, grad_norm)
+    trainer.run()
+    # groups: encoder (no decay, decay), head (no decay, decay) at 10x; step k of 4: lr * (1 + cos(pi k / 4)) / 2
+    for k, got in enumerate(lrs):
+        factor = 0.5 * (1 + math.cos(math.pi * k / 4))
+        assert got == pytest.approx([1e-3 * factor, 1e-3 * factor, 1e-2 * factor, 1e-2 * factor], rel=1e-9, abs=1e-15)
+    assert len(lrs) == 4 and lrs[2][0] == pytest.approx(0.5e-3)
+    assert norms == pytest.approx([1e-3] * 4, rel=1e-3)
 
 
 def test_crop_sizes_must_be_multiples_of_the_patch(tiny_encoder, images, tmp_path):
@@ -217,23 +277,23 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_encoder, images, tmp_p
     full = ef.finetune_encoder(tiny_encoder, images, str(tmp_path / "full"), epochs=2, **SMALL)
 
     ckpt = tmp_path / "ckpt"
-    real_step = ef._MoCoState.step
+    real_step = ef._moco_iteration
     calls = {"n": 0}
 
-    def crash_in_epoch_2(self, batch, generator):
+    def crash_in_epoch_2(engine, batch, teacher):
         calls["n"] += 1
         if calls["n"] > 2:  # 6 images, batch 4 -> 2 iterations per epoch
             raise KeyboardInterrupt("simulated interruption")
-        return real_step(self, batch, generator)
+        return real_step(engine, batch, teacher)
 
-    monkeypatch.setattr(ef._MoCoState, "step", crash_in_epoch_2)
+    monkeypatch.setattr(ef, "_moco_iteration", crash_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         ef.finetune_encoder(
             tiny_encoder, images, str(tmp_path / "resumed"), epochs=2, checkpoint_dir=str(ckpt), **SMALL
         )
     assert not (tmp_path / "resumed").exists()
     assert os.listdir(ckpt) == ["moco_checkpoint_epoch=1.pt"]
-    monkeypatch.setattr(ef._MoCoState, "step", real_step)
+    monkeypatch.setattr(ef, "_moco_iteration", real_step)
 
     resumed = ef.finetune_encoder(
         tiny_encoder, images, str(tmp_path / "resumed"), epochs=2, checkpoint_dir=str(ckpt), **SMALL
@@ -252,6 +312,24 @@ def test_resume_refuses_a_checkpoint_of_other_images(tiny_encoder, images, tmp_p
         ef.finetune_encoder(
             tiny_encoder, images.flip(-1), str(tmp_path / "b"), epochs=2, checkpoint_dir=str(ckpt), **SMALL
         )
+
+
+def test_resume_refuses_a_checkpoint_of_the_old_recipe(tiny_encoder, images, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    torch.manual_seed(7)
+    rng = torch.get_rng_state()
+    ef.finetune_encoder(tiny_encoder, images, str(tmp_path / "a"), epochs=1, checkpoint_dir=str(ckpt), **SMALL)
+    assert torch.equal(torch.get_rng_state(), rng)  # the global RNG is left alone
+    path = ckpt / "moco_checkpoint_epoch=1.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["lr_scheduler"]  # what the hand-written loop (recipe 1) saved: no scheduler, no recipe
+    checkpoint["record"]["fingerprint"].pop("recipe")
+    torch.save(checkpoint, path)
+    with pytest.raises(
+        ValueError, match=r"moco_checkpoint_epoch=1\.pt was written by a different fine-tuning run.*recipe"
+    ):
+        ef.finetune_encoder(tiny_encoder, images, str(tmp_path / "b"), epochs=2, checkpoint_dir=str(ckpt), **SMALL)
+    assert not (tmp_path / "b").exists()
 
 
 # ------------------------------------------------------------------------------------------------ bundle config

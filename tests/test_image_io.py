@@ -415,30 +415,30 @@ def test_read_label_value_mapping(tmp_path):
     mask = np.zeros((10, 16), np.uint8)
     mask[2:5, 3:9] = 255
     Image.fromarray(mask).save(tmp_path / "m255.png")
-    label = read_label(tmp_path / "m255.png")
+    label = read_label(tmp_path / "m255.png", num_classes=2)
     assert label.dtype == np.int64 and label.shape == (16, 10)
     np.testing.assert_array_equal(label, (mask > 0).T.astype(np.int64))
 
     Image.fromarray((mask > 0).astype(np.uint8) * 3).save(tmp_path / "m3.png")
-    np.testing.assert_array_equal(read_label(tmp_path / "m3.png"), (mask > 0).T)
-    np.testing.assert_array_equal(read_label(tmp_path / "m3.png", binarize=False), (mask > 0).T * 3)
+    np.testing.assert_array_equal(read_label(tmp_path / "m3.png", num_classes=2), (mask > 0).T)
+    np.testing.assert_array_equal(read_label(tmp_path / "m3.png"), (mask > 0).T * 3)
 
     multi = (mask > 0).astype(np.uint8)
     multi[7:9, 10:12] = 2  # three classes stay as they are
     Image.fromarray(multi).save(tmp_path / "multi.png")
-    np.testing.assert_array_equal(read_label(tmp_path / "multi.png"), multi.T)
+    np.testing.assert_array_equal(read_label(tmp_path / "multi.png", num_classes=3), multi.T)
 
     rgb = np.stack([mask, np.zeros_like(mask), np.full_like(mask, 9)], -1)
     Image.fromarray(rgb).save(tmp_path / "rgb_mask.png")
-    np.testing.assert_array_equal(read_label(tmp_path / "rgb_mask.png"), (mask > 0).T)
+    np.testing.assert_array_equal(read_label(tmp_path / "rgb_mask.png", num_classes=2), (mask > 0).T)
 
     pal = Image.fromarray(multi, mode="P")
     pal.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * (256 * 3 - 9))
     pal.save(tmp_path / "palette.png")
-    np.testing.assert_array_equal(read_label(tmp_path / "palette.png"), multi.T)  # indices, not colours
+    np.testing.assert_array_equal(read_label(tmp_path / "palette.png", num_classes=3), multi.T)  # indices, not colours
 
     Image.fromarray(mask > 0).save(tmp_path / "bilevel.png")  # mode "1"
-    np.testing.assert_array_equal(read_label(tmp_path / "bilevel.png"), (mask > 0).T)
+    np.testing.assert_array_equal(read_label(tmp_path / "bilevel.png", num_classes=2), (mask > 0).T)
 
 
 def test_read_label_nifti_and_singleton_shapes(tmp_path):
@@ -522,3 +522,33 @@ def test_write_is_atomic_and_creates_folders(tmp_path):
 def test_case_is_plain_dataclass():
     case = Case(source="x", name="x", is_volume=True, slice_axis=1, spatial_shape=(4, 5, 6), meta={})
     assert case.num_slices() == 5 and case.slice_shape == (4, 6)
+
+
+def test_one_label_rule_for_every_reader(tmp_path):
+    """0/255, 0/1 and multi-class maps mean the same through read_label and the metrics (which call it); a grey
+    {0, 128, 255} map is refused, naming the file."""
+    from scripts.metrics import evaluate_folders
+
+    mask = np.zeros((10, 16), np.uint8)
+    mask[2:5, 3:9] = 1
+    multi = mask.copy()
+    multi[7:9, 10:12] = 2
+    for folder, binary in (("m255", mask * 255), ("m01", mask)):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(binary).save(tmp_path / folder / "a.png")
+        Image.fromarray(multi).save(tmp_path / folder / "multi.png")
+    for folder in ("m255", "m01"):
+        np.testing.assert_array_equal(read_label(tmp_path / folder / "a.png", num_classes=2), mask.T)
+        np.testing.assert_array_equal(read_label(tmp_path / folder / "multi.png", num_classes=3), multi.T)
+    # the metrics read both folders with the same rule: identical maps, Dice 1 for every class of every image
+    scores = evaluate_folders(str(tmp_path / "m255"), str(tmp_path / "m01"), num_classes=3)
+    assert scores["num_images"] == 2 and scores["mean_dice"] == 1.0
+
+    grey = mask * 128
+    grey[0, 0] = 255
+    Image.fromarray(grey).save(tmp_path / "m255" / "grey.png")
+    with pytest.raises(ValueError, match=r"grey\.png: label values \{0, 128, 255\}"):
+        read_label(tmp_path / "m255" / "grey.png", num_classes=2)
+    Image.fromarray(grey).save(tmp_path / "m01" / "grey.png")
+    with pytest.raises(ValueError, match=r"grey\.png: label values"):
+        evaluate_folders(str(tmp_path / "m255"), str(tmp_path / "m01"), num_classes=2)

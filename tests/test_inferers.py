@@ -65,6 +65,7 @@ def test_pool_predictions_are_flip_averaged_when_asked():
     assert not torch.allclose(plain.probs.float(), flipped.probs.float(), atol=1e-2)
 
 
+@pytest.mark.slow
 def test_pipeline_records_flip_average_predictions(tiny_encoder, png_dataset, tmp_path):
     from scripts.pipeline import MedSMILEPipeline
 

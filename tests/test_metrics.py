@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from scripts.metrics import _to_classes, evaluate_folders, evaluate_rounds, segmentation_scores
+from scripts.image_io import label_classes
+from scripts.metrics import evaluate_folders, evaluate_rounds, segmentation_scores
 
 BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle")
 
@@ -69,15 +70,15 @@ def test_bad_inputs():
 
 def test_truth_value_mapping():
     mask = TRUTH.astype(np.int64) * 255
-    assert np.array_equal(_to_classes(mask, 2, "t.png"), TRUTH)  # {0, 255} -> {0, 1}
-    assert np.array_equal(_to_classes(TRUTH * 7, 2, "t.png"), TRUTH)  # any {0, k}, k >= C
-    assert np.array_equal(_to_classes(np.full((2, 2), 255), 2, "t.png"), np.ones((2, 2)))
-    assert np.array_equal(_to_classes(TRUTH * 2, 3, "t.png"), TRUTH * 2)  # C = 3: {0, 2} stays class 2
-    assert np.array_equal(_to_classes(TRUTH * 255, 3, "t.png"), TRUTH)  # C = 3: {0, 255} -> {0, 1}
+    assert np.array_equal(label_classes(mask, 2, "t.png"), TRUTH)  # {0, 255} -> {0, 1}
+    assert np.array_equal(label_classes(TRUTH * 7, 2, "t.png"), TRUTH)  # any {0, k}, k >= C
+    assert np.array_equal(label_classes(np.full((2, 2), 255), 2, "t.png"), np.ones((2, 2)))
+    assert np.array_equal(label_classes(TRUTH * 2, 3, "t.png"), TRUTH * 2)  # C = 3: {0, 2} stays class 2
+    assert np.array_equal(label_classes(TRUTH * 255, 3, "t.png"), TRUTH)  # C = 3: {0, 255} -> {0, 1}
     jpeg = np.array([[0, 3, 126], [128, 250, 255]])  # lossy edges: foreground where > 127
-    assert np.array_equal(_to_classes(jpeg, 2, "t.JPG"), [[0, 0, 0], [1, 1, 1]])
+    assert np.array_equal(label_classes(jpeg, 2, "t.JPG"), [[0, 0, 0], [1, 1, 1]])
     with pytest.raises(ValueError, match="t.png"):
-        _to_classes(jpeg, 2, "t.png")
+        label_classes(jpeg, 2, "t.png")
 
 
 def _png(path, array):

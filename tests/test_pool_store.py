@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from test_bundle_e2e import run_medsmile
+from conftest import run_medsmile
 
 from scripts.pool_store import ArrayStore, DiskArray, RowItems
 
@@ -54,6 +54,7 @@ def test_growing_array_and_row_items(tmp_path):
         ArrayStore("ram", str(tmp_path))
 
 
+@pytest.mark.slow
 def test_memory_and_disk_pools_give_the_same_pseudo_labels(tiny_encoder, png_dataset, tmp_path):
     runs = {}
     for kind in ("memory", "disk"):

@@ -267,6 +267,7 @@ def test_missing_input_image_is_reported_not_fatal(run_folder):
     assert page.count("input image not found") == 4 and "uncertainty_round_2.png" in page
 
 
+@pytest.mark.slow
 def test_bundle_config_expression_writes_the_report(run_folder, tmp_path):
     """The key the bundle config gets: ``python -m monai.bundle run report --config_file ...``."""
     config = {

@@ -133,6 +133,7 @@ def _round1_probabilities(png_dataset, tiny_encoder, tmp_path, cached: bool) -> 
     return captured["probs"]
 
 
+@pytest.mark.slow
 def test_cached_round_predicts_what_the_image_round_predicts(png_dataset, tiny_encoder, tmp_path):
     """A whole round (training on flipped views, then prediction) from cached tokens ends at the image path's
     probabilities, within what float16 tokens change over a few AdamW steps."""

@@ -53,11 +53,12 @@ from monai.transforms import (
 from monai.utils import CommonKeys
 
 from . import distributed
-from .losses import Mask2FormerSemanticLoss
+from .losses import IGNORE_LABEL, Mask2FormerSemanticLoss
 from .pool_store import RowItems
 from .token_cache import TOKEN_VIEWS
 
 ROUND_TRAININGS = ("pseudo_labels", "consistency")
+CONSISTENCY_LOSSES = ("round", "cross_entropy")
 _GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma
 
 
@@ -142,6 +143,35 @@ def confident_cross_entropy(log_probs: torch.Tensor, target: torch.Tensor, confi
     return (ce * confident).sum() / confident.numel()
 
 
+def confident_targets(target: torch.Tensor, confident: torch.Tensor) -> tuple[torch.Tensor, list[list[int]]]:
+    """The teacher's hard targets (B, H, W) as label maps (B, 1, H, W) whose unconfident pixels are ``IGNORE_LABEL``,
+    and per image the classes the teacher predicts there (confident or not): a lesion the teacher sees but is not
+    sure of in every pixel stays an object of the set loss instead of becoming "no lesion here"."""
+    label = target.where(confident, torch.full_like(target, IGNORE_LABEL))[:, None]
+    return label, [torch.unique(t).tolist() for t in target]
+
+
+def confident_round_loss(
+    loss_function, pred: tuple, target: torch.Tensor, confident: torch.Tensor, rows: slice
+) -> torch.Tensor:
+    """The round's own loss (``training.build_loss``) on the ``confident`` pixels of the teacher's ``target``
+    (B, H, W), for ``rows`` of the step's one forward ``pred`` = (log_probs, per-query outputs), times the confident
+    fraction of the stream's pixels: UniMatch's normalisation by all pixels (a batch with few confident pixels pulls
+    little), on the scale of the labelled and pseudo-labelled streams' loss (the set loss is ~100x a pixel CE).
+    Images without a confident pixel give nothing."""
+    log_probs, queries = pred
+    keep = confident.flatten(1).any(1)
+    if not keep.any():
+        return log_probs.sum() * 0.0
+    index = torch.arange(rows.start, rows.stop, device=keep.device)[keep]
+    label, classes = confident_targets(target[keep], confident[keep])
+    if isinstance(loss_function, Mask2FormerSemanticLoss):
+        loss = loss_function((log_probs[index], queries), label, rows=index, present=classes)
+    else:
+        loss = loss_function(log_probs[index], label)
+    return loss * confident.float().mean()
+
+
 class ConsistencyStep:
     """A SupervisedTrainer's ``iteration_update`` for a consistency round (module docstring), with its teacher.
 
@@ -165,6 +195,7 @@ class ConsistencyStep:
         threshold: float = 0.95,
         ema_momentum: float = 0.99,
         feature_dropout: float = 0.5,
+        loss: str = "round",
         bf16: bool = True,
         num_workers: int = 0,
         seed: int = 0,
@@ -175,6 +206,9 @@ class ConsistencyStep:
         self.pseudo_weight, self.consistency_weight = pseudo_weight, consistency_weight
         self.threshold, self.ema_momentum, self.feature_dropout = threshold, ema_momentum, feature_dropout
         self.bf16 = bf16
+        if loss not in CONSISTENCY_LOSSES:
+            raise ValueError(f"consistency_loss={loss!r} must be one of {CONSISTENCY_LOSSES}")
+        self.loss = loss
         self.ema = EMAHandler(network, momentum=1.0 - ema_momentum)
         self.teacher = self.ema.ema_model
         self.teacher.requires_grad_(False)
@@ -264,8 +298,8 @@ class ConsistencyStep:
         parts = {
             "loss_labelled": self._supervised(engine, (pred, queries), ref_y, slice(rows[0], rows[1])),
             "loss_pseudo": self._supervised(engine, (pred, queries), pseudo_y, slice(rows[1], rows[2])),
-            "loss_strong": confident_cross_entropy(pred[rows[2] : rows[3]], strong_target, strong_confident),
-            "loss_perturbed": confident_cross_entropy(pred[rows[3] : rows[4]], target, confident),
+            "loss_strong": self._consistency(engine, (pred, queries), strong_target, strong_confident, rows[2:4]),
+            "loss_perturbed": self._consistency(engine, (pred, queries), target, confident, rows[3:5]),
         }
         loss = (
             parts["loss_labelled"]
@@ -289,6 +323,13 @@ class ConsistencyStep:
         engine.optimizer.step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+    def _consistency(self, engine: Engine, pred: tuple, target, confident, bounds) -> torch.Tensor:
+        """One consistency view's loss on rows ``bounds[0]:bounds[1]`` of the step's forward (``consistency_loss``)."""
+        rows = slice(int(bounds[0]), int(bounds[1]))
+        if self.loss == "cross_entropy":
+            return confident_cross_entropy(pred[0][rows], target, confident)
+        return confident_round_loss(engine.loss_function, pred, target, confident, rows)
 
     @staticmethod
     def _supervised(engine: Engine, pred: tuple, label: torch.Tensor, rows: slice) -> torch.Tensor:

@@ -58,6 +58,8 @@ from onnx import numpy_helper
 from safetensors.numpy import save_file
 from transformers import Dinov2Config, Dinov2Model
 
+from .atomic_files import atomic_path
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -635,26 +637,22 @@ def _is_complete(path: Path) -> bool:
 
 
 def _atomic_write_dir(target: Path, fill: Callable[[Path], None]) -> None:
-    """Fill a fresh temp dir next to ``target`` with ``fill`` and move it into place in one ``os.replace``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    """Fill a fresh temp dir next to ``target`` with ``fill`` and move it into place (``atomic_path``)."""
+    if target.exists() and not _is_complete(target):
+        logger.warning("removing incomplete cache entry %s", target)
+        shutil.rmtree(target)
     try:
-        fill(tmp)
-        for child in tmp.iterdir():  # mkdtemp (and safetensors) create owner-only entries
-            if child.is_file():
-                child.chmod(0o644)
-        tmp.chmod(0o755)
-        if target.exists() and not _is_complete(target):
-            logger.warning("removing incomplete cache entry %s", target)
-            shutil.rmtree(target)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not _is_complete(target):
-                raise
-            logger.info("%s was completed concurrently by another process; keeping that one", target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_path(target, replace_folder=False) as tmp:
+            os.mkdir(tmp)
+            fill(Path(tmp))
+            for child in Path(tmp).iterdir():  # safetensors creates owner-only entries
+                if child.is_file():
+                    child.chmod(0o644)
+            os.chmod(tmp, 0o755)
+    except OSError:
+        if not _is_complete(target):
+            raise
+        logger.info("%s was completed concurrently by another process; keeping that one", target)
 
 
 def _read_provenance(path: Path) -> dict:

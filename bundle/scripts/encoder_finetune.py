@@ -1,50 +1,38 @@
 """Optional step: self-supervised fine-tuning of the DINOv2 encoder on the unlabelled pool (MoCo-style).
 
-For modalities DINOv2 never saw (ultrasound, ...), the encoder is adapted to the pool before round 0: the
-fine-tuned student encoder then replaces the DINOv2 encoder everywhere downstream.
+For modalities DINOv2 never saw (ultrasound, ...), the encoder is adapted to the pool before round 0; the fine-tuned
+student encoder then replaces the DINOv2 encoder everywhere downstream. Method (``docs/METHOD.md``, "Optional step"):
 
-Method (see ``docs/METHOD.md``, "Optional step"):
+* **Student and teacher.** The student is the start ``Dinov2Model`` plus a fresh projection head
+  (:class:`ProjectionHead`) on ``[CLS, mean(patch tokens)]``, so the patch tokens, which round 0 and the KNN
+  refinement use, get a direct gradient. The teacher is Ignite's ``EMAHandler`` copy of the student (no gradients,
+  eval mode), after every step ``teacher = m * teacher + (1 - m) * student`` with ``m = ema_momentum``.
+* **Multi-crop** (:func:`multi_crop`, MONAI transforms): 2 global crops (area scale 0.4-1, resized to
+  ``global_crop_size``) and ``num_local_crops`` local crops (0.05-0.4, resized to ``local_crop_size``) per image,
+  each flipped left-right at random (never up-down: ultrasound/endoscopy images have a meaningful "up") and jittered
+  in brightness and contrast. Crops and batches are re-seeded from ``(seed, epoch)`` every epoch, so a
+  resumed run draws what an uninterrupted one does.
+* **Loss** (:func:`moco_loss`): InfoNCE of each student view against the teacher global views of the batch (same
+  image positive, other images negative), global view 1 against teacher view 2 and vice versa, a local view
+  against both; the mean over the views.
+* **Optimisation.** AdamW (no weight decay on biases, norms, layer scales, tokens and position embeddings), the head
+  at 10x the encoder learning rate, per-iteration cosine schedule to 0, gradient norm clipped at 3.
 
-* **Student and teacher.** Both are a copy of the start ``Dinov2Model`` followed by the same freshly initialised
-  projection head (:class:`ProjectionHead`: ``Linear(2D, 4D) - GELU - Linear(4D, projection_dim)``). The head input
-  is the concatenation of the class token and the mean of the patch tokens of ``last_hidden_state`` (after DINOv2's
-  final layernorm), so the patch tokens, which round 0 and the KNN refinement use, receive a direct gradient too.
-  The teacher (encoder *and* head) has ``requires_grad=False``, stays in eval mode and changes only through
-  :func:`ema_update` after every optimizer step: ``teacher = m * teacher + (1 - m) * student``.
-* **Multi-crop.** Per image: 2 global crops (random resized crop, area scale 0.4-1, aspect ratio 3/4-4/3, resized to
-  ``global_crop_size``) and ``num_local_crops`` local crops (scale 0.05-0.4, resized to ``local_crop_size``), each
-  with a random horizontal flip (no vertical flip: ultrasound/endoscopy images have a meaningful "up") and light
-  brightness/contrast/saturation jitter (factors 0.8-1.2). Plain torch on tensors (no torchvision); all randomness
-  comes from a ``torch.Generator`` re-seeded from ``(seed, epoch)`` at every epoch, so a resumed run draws the same
-  batches and crops as an uninterrupted one. Crops are in [0, 1] and normalised with the ImageNet mean/std, as
-  everywhere else in the bundle (``scripts.network.IMAGENET_MEAN``/``IMAGENET_STD``).
-* **Loss.** InfoNCE (:func:`info_nce`): L2-normalised student projection of a view against the L2-normalised
-  teacher projections of a global view of every image in the batch, divided by ``temperature``, cross-entropy
-  with the same image as the positive and the other images of the batch as negatives. Global view 1 is matched
-  to teacher global view 2 and vice versa; a local crop is matched to both teacher global views (it is neither of
-  them) and its two terms are averaged. The loss is the mean over the ``2 + num_local_crops`` views.
-* **Optimisation.** AdamW (no weight decay on biases, norms, layer scales, tokens and position embeddings), the
-  head at 10x the encoder learning rate (it starts from random weights, the encoder from good ones), per-iteration
-  cosine schedule from ``learning_rate`` to 0 over all iterations (no warm-up), gradient norm clipped at 3.
-
-The training loop is an Ignite :class:`~ignite.engine.Engine` with MONAI ``CheckpointSaver`` (every epoch) and
-``CheckpointLoader`` (which loads with ``torch.load(..., weights_only=True)``), an Ignite ``ProgressBar`` and a
-MONAI ``StatsHandler`` (iteration loss and epoch mean loss through this module's logger).
+The loop is a MONAI ``SupervisedTrainer`` whose ``iteration_update`` is :func:`_moco_iteration`; the EMA,
+``LrScheduleHandler``, ``scripts.handlers.GradientClipHandler``, ``CheckpointSaver`` (every epoch) and
+``CheckpointLoader`` (``weights_only=True``) are its handlers.
 """
 
 from __future__ import annotations
 
-import copy
 import datetime
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
-import pickle
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,32 +41,41 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
+from ignite.handlers import EMAHandler, ProgressBar
+from monai import transforms as mt
+from monai.data import DataLoader, Dataset, get_track_meta, set_track_meta
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.handlers import CheckpointLoader, CheckpointSaver, LrScheduleHandler, StatsHandler
+from monai.utils import CommonKeys
 from torch import nn
 from transformers import Dinov2Model
 
-from .network import IMAGENET_MEAN, IMAGENET_STD
+from .atomic_files import atomic_path
+from .handlers import GradientClipHandler
+from .network import imagenet_normalize
+from .training import latest_checkpoint
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "FINETUNE_KIND",
     "MoCoBranch",
-    "MultiCropAugment",
     "ProjectionHead",
-    "ema_update",
     "finetune_encoder",
     "info_nce",
     "load_image_folder",
     "moco_loss",
+    "multi_crop",
 ]
 
 FINETUNE_KIND = "moco-finetune"
 PROVENANCE_FILE = "provenance.json"
+RECIPE = 2  # in the checkpoint fingerprint: 2 = MONAI crops + SupervisedTrainer; checkpoints of recipe 1 are refused
 
-GLOBAL_CROP_SCALE = (0.4, 1.0)
+GLOBAL_CROP_SCALE = (0.4, 1.0)  # area fraction of a crop; each side is drawn in [sqrt(lo), sqrt(hi)] of the image side
 LOCAL_CROP_SCALE = (0.05, 0.4)
-CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-JITTER = 0.2  # brightness, contrast and saturation factors drawn uniformly in [1 - JITTER, 1 + JITTER]
+JITTER = 0.2  # brightness and contrast factors drawn uniformly in [1 - JITTER, 1 + JITTER]
 HEAD_HIDDEN_MULTIPLIER = 4  # head hidden width = 4 x encoder width
 HEAD_LR_MULTIPLIER = 10.0
 GRAD_CLIP_NORM = 3.0
@@ -86,7 +83,7 @@ _CHECKPOINT_RE = re.compile(r"moco_checkpoint_(?:epoch=)?(\d+)\.pt")  # MONAI Ch
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# model pieces
+# model and loss
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -118,25 +115,6 @@ class MoCoBranch(nn.Module):
         tokens = self.encoder(pixel_values=pixel_values).last_hidden_state
         skip = 1 + getattr(self.encoder.config, "num_register_tokens", 0)
         return self.head(torch.cat([tokens[:, 0], tokens[:, skip:].mean(dim=1)], dim=1))
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """In place, for every parameter: ``teacher = momentum * teacher + (1 - momentum) * student``.
-
-    Floating-point buffers are copied from the student (DINOv2 and the head have none that matter). The two modules
-    must have the same architecture.
-    """
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
-    t_params, s_params = list(teacher.parameters()), list(student.parameters())
-    if len(t_params) != len(s_params):
-        raise ValueError("teacher and student do not have the same parameters")
-    for t, s in zip(t_params, s_params):
-        t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
-    for t, s in zip(teacher.buffers(), student.buffers()):
-        if t.is_floating_point():
-            t.copy_(s)
 
 
 def info_nce(query: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -176,78 +154,64 @@ def moco_loss(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# augmentation
+# multi-crop
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class MultiCropAugment:
-    """Multi-crop views of uint8 images (B, 3, S, S): 2 global + ``num_local_crops`` local, float in [0, 1].
+def multi_crop(global_crop_size: int, local_crop_size: int, num_local_crops: int) -> mt.Compose:
+    """MONAI transform: ``{"image": (3, X, Y) uint8}`` -> ``{"global0", "global1", "local0", ...}``, float views in
+    [0, 1] of (3, size, size). Seed it with ``set_random_state``.
 
-    Each crop: random resized crop (area fraction in ``scale``, aspect ratio in 3/4-4/3, bilinear resize with
-    anti-aliasing), horizontal flip with probability 1/2, brightness/contrast/saturation jitter. Randomness comes
-    only from the ``generator`` passed to :meth:`__call__`.
+    Each view: ``RandScaleCropd`` (each side a uniform fraction of the image side, in ``sqrt`` of the area scale),
+    ``Resized`` (bilinear, anti-aliased), a left-right flip with probability 1/2 (spatial axis 0 is X in MONAI order),
+    brightness and contrast (about the mean) jitter, clipped to [0, 1]. No saturation jitter (MONAI has none; it is a
+    no-op on the greyscale modalities this step is for).
     """
-
-    def __init__(self, global_crop_size: int, local_crop_size: int, num_local_crops: int) -> None:
-        self.global_crop_size = int(global_crop_size)
-        self.local_crop_size = int(local_crop_size)
-        self.num_local_crops = int(num_local_crops)
-
-    def __call__(
-        self, images: torch.Tensor, generator: torch.Generator
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Returns (global views, local views): lists of (B, 3, size, size) float tensors in [0, 1]."""
-        images = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
-        glob = [self._views(images, self.global_crop_size, GLOBAL_CROP_SCALE, generator) for _ in range(2)]
-        local = [
-            self._views(images, self.local_crop_size, LOCAL_CROP_SCALE, generator) for _ in range(self.num_local_crops)
+    views = {"global0": (global_crop_size, GLOBAL_CROP_SCALE), "global1": (global_crop_size, GLOBAL_CROP_SCALE)}
+    views.update({f"local{i}": (local_crop_size, LOCAL_CROP_SCALE) for i in range(num_local_crops)})
+    keys = list(views)
+    transforms = [
+        mt.ScaleIntensityRanged("image", a_min=0, a_max=255, b_min=0, b_max=1),
+        mt.CopyItemsd("image", times=len(keys), names=keys),
+        mt.DeleteItemsd("image"),
+    ]
+    for key, (size, (low, high)) in views.items():
+        transforms += [
+            mt.RandScaleCropd(key, roi_scale=math.sqrt(low), max_roi_scale=math.sqrt(high), random_size=True),
+            mt.Resized(key, spatial_size=(size, size), mode="bilinear", anti_aliasing=True),
+            mt.RandFlipd(key, prob=0.5, spatial_axis=0),
+            mt.RandScaleIntensityd(key, factors=JITTER, prob=1.0),
+            mt.RandScaleIntensityFixedMeand(key, factors=JITTER, fixed_mean=True, prob=1.0),
+            mt.ScaleIntensityRanged(key, a_min=0, a_max=1, b_min=0, b_max=1, clip=True),  # clip to [0, 1]
         ]
-        return glob, local
-
-    def _views(
-        self, images: torch.Tensor, size: int, scale: tuple[float, float], generator: torch.Generator
-    ) -> torch.Tensor:
-        return torch.stack([self._view(img, size, scale, generator) for img in images])
-
-    @staticmethod
-    def _crop_box(height: int, width: int, scale: tuple[float, float], generator: torch.Generator):
-        area = height * width
-        log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
-        for _ in range(10):
-            r = torch.rand(3, generator=generator).tolist()
-            target = area * (scale[0] + (scale[1] - scale[0]) * r[0])
-            ratio = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * r[1])
-            w = round(math.sqrt(target * ratio))
-            h = round(math.sqrt(target / ratio))
-            if 0 < w <= width and 0 < h <= height:
-                i = int(torch.randint(0, height - h + 1, (1,), generator=generator))
-                j = int(torch.randint(0, width - w + 1, (1,), generator=generator))
-                return i, j, h, w
-        # fallback: a central square crop of the largest allowed area
-        side = max(1, round(math.sqrt(area * scale[1])))
-        h, w = min(side, height), min(side, width)
-        return (height - h) // 2, (width - w) // 2, h, w
-
-    def _view(self, img: torch.Tensor, size: int, scale: tuple[float, float], generator: torch.Generator):
-        _, height, width = img.shape
-        i, j, h, w = self._crop_box(height, width, scale, generator)
-        crop = img[None, :, i : i + h, j : j + w]
-        crop = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
-        flip, bright, contr, satur = torch.rand(4, generator=generator).tolist()
-        if flip < 0.5:
-            crop = crop.flip(-1)
-        lo = 1.0 - JITTER
-        crop = crop * (lo + 2 * JITTER * bright)
-        grey = (0.299 * crop[0] + 0.587 * crop[1] + 0.114 * crop[2])[None]
-        crop = grey.mean() + (crop - grey.mean()) * (lo + 2 * JITTER * contr)
-        crop = grey + (crop - grey) * (lo + 2 * JITTER * satur)
-        return crop.clamp_(0.0, 1.0)
+    return mt.Compose([*transforms, mt.EnsureTyped(keys, track_meta=False)])
 
 
-def _normalise(views: torch.Tensor) -> torch.Tensor:
-    mean = views.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = views.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (views - mean) / std
+def _split_views(batch: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(global views, local views) of a collated batch of :func:`multi_crop` outputs."""
+    return [batch["global0"], batch["global1"]], [v for k, v in batch.items() if k.startswith("local")]
+
+
+class _EpochBatches:
+    """Batch sampler: each epoch a permutation drawn from ``(seed, epoch)`` split into near-equal batches of at most
+    ``batch_size`` (never a batch of 1, which has no negatives). :meth:`set_epoch` also re-seeds ``transform``."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, transform: mt.Compose) -> None:
+        self.n, self.seed, self.transform, self.epoch = n, seed, transform, 0
+        self.num_batches = max(1, math.ceil(n / batch_size))
+        if n // self.num_batches < 2:
+            self.num_batches = n // 2
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.transform.set_random_state(seed=(self.seed * 1_000_003 + epoch) % 2**32)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        return iter([batch.tolist() for batch in torch.tensor_split(perm, self.num_batches)])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -255,83 +219,80 @@ def _normalise(views: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class _MoCoState:
-    """Models, optimizer and augmentation of one fine-tuning run, plus :meth:`step` (one optimizer step)."""
+def _student(encoder: Dinov2Model, projection_dim: int, seed: int, device: torch.device) -> MoCoBranch:
+    with torch.random.fork_rng(devices=[]):  # seeded head initialisation, global RNG left untouched
+        torch.manual_seed(seed)
+        return MoCoBranch(encoder, projection_dim).to(device).train()
 
-    def __init__(
-        self,
-        encoder: Dinov2Model,
-        projection_dim: int,
-        learning_rate: float,
-        weight_decay: float,
-        temperature: float,
-        ema_momentum: float,
-        augment: MultiCropAugment,
-        device: torch.device,
-        seed: int,
-    ) -> None:
-        with torch.random.fork_rng(devices=[]):  # seeded head initialisation, global RNG left untouched
-            torch.manual_seed(seed)
-            self.student = MoCoBranch(encoder, projection_dim).to(device).train()
-        self.teacher = copy.deepcopy(self.student).eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        self.temperature = temperature
-        self.ema_momentum = ema_momentum
-        self.augment = augment
-        self.device = device
-        self.optimizer = torch.optim.AdamW(self._param_groups(learning_rate, weight_decay), lr=learning_rate)
-        self.base_lrs: list[float] = [g["lr"] for g in self.optimizer.param_groups]
 
-    def _param_groups(self, lr: float, weight_decay: float) -> list[dict]:
-        groups: dict[tuple[bool, bool], list] = {}
-        for name, p in self.student.named_parameters():
-            is_head = name.startswith("head.")
-            no_decay = p.ndim <= 1 or name.endswith(
-                ("cls_token", "mask_token", "position_embeddings", "register_tokens")
-            )
-            groups.setdefault((is_head, not no_decay), []).append(p)
-        return [
-            {
-                "params": params,
-                "lr": lr * (HEAD_LR_MULTIPLIER if is_head else 1.0),
-                "weight_decay": weight_decay if decay else 0.0,
-            }
-            for (is_head, decay), params in sorted(groups.items())
-        ]
+def _ema_teacher(student: nn.Module, ema_momentum: float) -> EMAHandler:
+    """The teacher ``EMAHandler`` (its ``ema_model``): Ignite's ``momentum`` weighs the student, so it is ``1 - m``."""
+    return EMAHandler(student, momentum=1.0 - ema_momentum)
 
-    def set_lr_factor(self, factor: float) -> None:
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * factor
 
-    def loss(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        glob, local = self.augment(images, generator)
-        b = images.shape[0]
-        glob_px = _normalise(torch.cat(glob).to(self.device))
-        with torch.no_grad():
-            teacher = self.teacher(glob_px).split(b)
-        student_global = self.student(glob_px).split(b)
-        student_local = self.student(_normalise(torch.cat(local).to(self.device))).split(b) if local else []
-        return moco_loss(student_global, student_local, teacher, self.temperature)
+def _param_groups(student: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in student.named_parameters():
+        no_decay = p.ndim <= 1 or name.endswith(("cls_token", "mask_token", "position_embeddings", "register_tokens"))
+        groups.setdefault((name.startswith("head."), not no_decay), []).append(p)
+    return [
+        {
+            "params": params,
+            "lr": lr * (HEAD_LR_MULTIPLIER if is_head else 1.0),
+            "weight_decay": weight_decay if decay else 0.0,
+        }
+        for (is_head, decay), params in sorted(groups.items())
+    ]
 
-    def step(self, images: torch.Tensor, generator: torch.Generator) -> float:
-        """One optimizer step on a batch of uint8 images (B >= 2), then the EMA update; returns the loss."""
-        self.student.train()
-        loss = self.loss(images.to(self.device), generator)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.student.parameters(), GRAD_CLIP_NORM)
-        self.optimizer.step()
-        ema_update(self.teacher, self.student, self.ema_momentum)
-        return float(loss.detach())
+
+def _views_loss(student: nn.Module, teacher: nn.Module, batch: dict, loss_function) -> torch.Tensor:
+    """``loss_function(student global, student local, teacher global)`` on a batch of views (teacher without grad)."""
+    device = next(student.parameters()).device
+    glob, local = _split_views(batch)
+    b = glob[0].shape[0]
+    glob_px = imagenet_normalize(torch.cat(glob).to(device))
+    with torch.no_grad():
+        teacher_global = teacher(glob_px).split(b)
+    student_global = student(glob_px).split(b)
+    student_local = student(imagenet_normalize(torch.cat(local).to(device))).split(b) if local else []
+    return loss_function(student_global, student_local, teacher_global)
+
+
+def _moco_iteration(engine: SupervisedTrainer, batch: dict, teacher: nn.Module) -> dict:
+    """``iteration_update`` of the trainer: one optimizer step; clipping, EMA and the schedule are handlers."""
+    engine.network.train()
+    loss = _views_loss(engine.network, teacher, batch, engine.loss_function)
+    engine.fire_event(IterationEvents.LOSS_COMPLETED)
+    engine.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+    engine.optimizer.step()
+    engine.fire_event(IterationEvents.MODEL_COMPLETED)
+    return {CommonKeys.LOSS: float(loss.detach())}
 
 
 class _RunRecord:
-    """Checkpointed bookkeeping: the run's fingerprint (checked on resume) and the last epoch's mean loss."""
+    """Checkpointed bookkeeping and its handler: the run's fingerprint (checked on resume), the epoch the run resumed
+    from, and the epoch mean losses (also ``engine.state.metrics["epoch_loss"]``, which StatsHandler logs)."""
 
     def __init__(self, fingerprint: dict) -> None:
         self.fingerprint = fingerprint
         self.epoch_losses: list[float] = []
+        self.resumed_from_epoch = 0
+        self.source = "the checkpoint"
+        self._losses: list[float] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda e: setattr(self, "resumed_from_epoch", e.state.epoch))
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self._losses.clear())
+        engine.add_event_handler(
+            Events.ITERATION_COMPLETED, lambda e: self._losses.append(e.state.output[CommonKeys.LOSS])
+        )
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        self.epoch_losses.append(float(np.mean(self._losses)) if self._losses else float("nan"))
+        engine.state.metrics["epoch_loss"] = self.epoch_losses[-1]
 
     def state_dict(self) -> dict:
         return {"fingerprint": dict(self.fingerprint), "epoch_losses": list(self.epoch_losses)}
@@ -342,14 +303,10 @@ class _RunRecord:
             diff = {k: (saved.get(k), self.fingerprint.get(k)) for k in set(saved) | set(self.fingerprint)}
             diff = {k: v for k, v in diff.items() if v[0] != v[1]}
             raise ValueError(
-                f"the checkpoint was written by a different fine-tuning run (checkpoint vs now: {diff}); "
+                f"{self.source} was written by a different fine-tuning run (checkpoint vs now: {diff}); "
                 "use another checkpoint_dir or empty it"
             )
         self.epoch_losses = [float(x) for x in state.get("epoch_losses", [])]
-
-
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
 
 
 def _checkpoints(checkpoint_dir: str) -> list[tuple[int, str]]:
@@ -362,24 +319,6 @@ def _checkpoints(checkpoint_dir: str) -> list[tuple[int, str]]:
         if m:
             found.append((int(m.group(1)), os.path.join(checkpoint_dir, name)))
     return sorted(found, reverse=True)
-
-
-def _newest_checkpoint(checkpoint_dir: str) -> str | None:
-    """The readable checkpoint of the highest epoch in ``checkpoint_dir`` (a truncated file is skipped)."""
-    for _, path in _checkpoints(checkpoint_dir):
-        try:
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except (
-            RuntimeError,
-            OSError,
-            EOFError,
-            ValueError,
-            pickle.UnpicklingError,
-        ) as exc:  # truncated or otherwise unreadable: try the previous epoch
-            logger.warning("skipping unreadable checkpoint %s (%s: %s)", path, type(exc).__name__, exc)
-            continue
-        return path
-    return None
 
 
 def _images_sha256(images: torch.Tensor) -> str:
@@ -404,72 +343,65 @@ def _validate(images: torch.Tensor, patch: int, hp: dict) -> None:
         raise ValueError(f"num_local_crops must be >= 0, got {hp['num_local_crops']}")
     if not hp["temperature"] > 0:
         raise ValueError(f"temperature must be > 0, got {hp['temperature']}")
-    if not 0.0 <= hp["ema_momentum"] <= 1.0:
-        raise ValueError(f"ema_momentum must be in [0, 1], got {hp['ema_momentum']}")
+    if not 0.0 < hp["ema_momentum"] < 1.0:  # Ignite's EMAHandler refuses a frozen teacher (1) and a copy (0)
+        raise ValueError(f"ema_momentum must be in (0, 1), got {hp['ema_momentum']}")
 
 
 def _make_trainer(
-    state: _MoCoState,
-    images: torch.Tensor,
-    batch_size: int,
-    epochs: int,
-    seed: int,
+    student: MoCoBranch,
+    loader,
+    hp: dict,
+    device: torch.device,
     record: _RunRecord,
-    checkpoint_dir: str | None,
-) -> tuple[Engine, list]:
-    """The Ignite engine: one iteration = one batch index (batches are drawn per epoch from ``(seed, epoch)``)."""
-    from ignite.handlers import ProgressBar
-    from monai.handlers import CheckpointLoader, CheckpointSaver, StatsHandler
+    checkpoint_dir: str | None = None,
+) -> tuple[SupervisedTrainer, nn.Module]:
+    """The trainer over ``loader`` for ``hp["epochs"]`` epochs, and its EMA teacher.
 
-    n = images.shape[0]
-    num_batches = max(1, math.ceil(n / batch_size))
-    if n // num_batches < 2:
-        num_batches = n // 2
-    data = list(range(num_batches))
-    total_iterations = epochs * num_batches
-    run: dict = {"batches": [], "generator": None, "losses": []}
-
-    def process(engine: Engine, batch_number: int) -> float:
-        # per-iteration cosine schedule on the global iteration (1-based in Ignite; 0 for the first step)
-        state.set_lr_factor(0.5 * (1.0 + math.cos(math.pi * (engine.state.iteration - 1) / total_iterations)))
-        loss = state.step(images[run["batches"][batch_number]], run["generator"])
-        run["losses"].append(loss)
-        return loss
-
-    trainer = Engine(process)
-
-    @trainer.on(Events.EPOCH_STARTED)
-    def _draw_epoch(engine: Engine) -> None:
-        generator = _epoch_generator(seed, engine.state.epoch)
-        perm = torch.randperm(n, generator=generator)
-        # near-equal batches of at most batch_size (never a last batch of 1, which has no negatives)
-        run["batches"] = list(torch.tensor_split(perm, num_batches))
-        run["generator"] = generator
-        run["losses"] = []
-
-    @trainer.on(Events.EPOCH_COMPLETED)
-    def _epoch_loss(engine: Engine) -> None:
-        mean = float(np.mean(run["losses"])) if run["losses"] else float("nan")
-        record.epoch_losses.append(mean)
-        engine.state.metrics["epoch_loss"] = mean
-
-    # epoch mean loss (engine.state.metrics["epoch_loss"]) through MONAI's StatsHandler logger (stdout, INFO);
-    # the progress bar shows the iteration loss
-    StatsHandler(tag_name="loss", iteration_log=False, output_transform=lambda x: x).attach(trainer)
-    ProgressBar(persist=False).attach(trainer, output_transform=lambda x: {"loss": x})
+    With ``checkpoint_dir``, a checkpoint is saved there after every epoch (the 2 newest are kept) and the run resumes
+    from the newest readable one. A ``loader`` whose ``batch_sampler`` has ``set_epoch`` gets it at every epoch start.
+    """
+    optimizer = torch.optim.AdamW(
+        _param_groups(student, hp["learning_rate"], hp["weight_decay"]), lr=hp["learning_rate"]
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hp["epochs"] * len(loader), eta_min=0.0)
+    ema = _ema_teacher(student, hp["ema_momentum"])
+    trainer = SupervisedTrainer(
+        device=device,
+        max_epochs=hp["epochs"],
+        train_data_loader=loader,
+        network=student,
+        optimizer=optimizer,
+        loss_function=functools.partial(moco_loss, temperature=hp["temperature"]),
+        iteration_update=functools.partial(_moco_iteration, teacher=ema.ema_model),
+        decollate=False,
+    )
+    sampler = getattr(loader, "batch_sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: sampler.set_epoch(e.state.epoch))
+    save_dict = {  # the record first, so that a checkpoint of another run is refused before anything is loaded
+        "record": record,
+        "student": student,
+        "teacher": ema.ema_model,
+        "optimizer": optimizer,
+        "lr_scheduler": scheduler,
+        "trainer": trainer,
+    }
+    newest = latest_checkpoint(checkpoint_dir, prefix="moco") if checkpoint_dir is not None else None
+    if newest is not None:
+        logger.info("resuming encoder fine-tuning from %s", newest)
+        record.source = f"the checkpoint {newest}"
+        CheckpointLoader(load_path=newest, load_dict=save_dict, map_location=device).attach(trainer)
+    for handler in (
+        record,  # after the loader: it reads the epoch the run resumes from
+        GradientClipHandler(GRAD_CLIP_NORM),
+        ema,  # on ITERATION_COMPLETED, after the optimizer step
+        LrScheduleHandler(scheduler, print_lr=False, epoch_level=False),
+        StatsHandler(tag_name="loss", iteration_log=False),  # the epoch mean loss through MONAI's logger
+    ):
+        handler.attach(trainer)
+    ProgressBar(persist=False).attach(trainer, output_transform=lambda output: output)
     if checkpoint_dir is not None:
-        save_dict = {
-            "student": state.student,
-            "teacher": state.teacher,
-            "optimizer": state.optimizer,
-            "trainer": trainer,
-            "record": record,
-        }
         os.makedirs(checkpoint_dir, exist_ok=True)
-        newest = _newest_checkpoint(checkpoint_dir)
-        if newest is not None:
-            logger.info("resuming encoder fine-tuning from %s", newest)
-            CheckpointLoader(load_path=newest, load_dict=save_dict, map_location=state.device).attach(trainer)
         # n_saved=None: Ignite never deletes; _prune (registered after the saver) keeps the 2 newest epochs, also
         # those left by an earlier, interrupted run that this saver does not know about
         CheckpointSaver(
@@ -482,7 +414,7 @@ def _make_trainer(
                 if epoch < engine.state.epoch - 1:
                     os.remove(path)
 
-    return trainer, data
+    return trainer, ema.ema_model
 
 
 def finetune_encoder(
@@ -562,30 +494,36 @@ def finetune_encoder(
     images = images.contiguous().cpu()
     images_sha256 = _images_sha256(images)
     dev = torch.device(device)
-    augment = MultiCropAugment(global_crop_size, local_crop_size, num_local_crops)
-    state = _MoCoState(
-        encoder, projection_dim, learning_rate, weight_decay, temperature, ema_momentum, augment, dev, seed
+    student = _student(encoder, projection_dim, seed, dev)
+    dataset = Dataset(
+        [{"image": image} for image in images], multi_crop(global_crop_size, local_crop_size, num_local_crops)
     )
+    sampler = _EpochBatches(len(images), batch_size, seed, dataset.transform)
+    # a generator of its own: MONAI's DataLoader would otherwise draw from (and re-seed) the global RNG
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=0, generator=torch.Generator().manual_seed(seed))
     fingerprint = {k: v for k, v in hyperparameters.items() if k != "epochs"}
     fingerprint.update(
-        images=int(images.shape[0]), images_sha256=images_sha256, encoder_dir=os.path.abspath(encoder_dir)
+        images=int(images.shape[0]),
+        images_sha256=images_sha256,
+        encoder_dir=os.path.abspath(encoder_dir),
+        recipe=RECIPE,
     )
     record = _RunRecord(fingerprint)
-    trainer, data = _make_trainer(state, images, batch_size, epochs, seed, record, checkpoint_dir)
-
-    started: dict = {}
-    # registered after the CheckpointLoader, so it sees the epoch the run resumes from
-    trainer.add_event_handler(Events.STARTED, lambda e: started.update(epoch=e.state.epoch))
+    trainer, _ = _make_trainer(student, loader, hyperparameters, dev, record, checkpoint_dir)
     logger.info(
         "fine-tuning the encoder %s on %d images for %d epochs (%d iterations each) on %s",
         encoder_dir,
         images.shape[0],
         epochs,
-        len(data),
+        len(loader),
         dev,
     )
-    train_start = time.perf_counter()
-    trainer.run(data, max_epochs=epochs)
+    train_start, track_meta = time.perf_counter(), get_track_meta()
+    set_track_meta(False)  # plain tensors through the crops: no metadata is needed, and MONAI is 2x faster without
+    try:
+        trainer.run()
+    finally:
+        set_track_meta(track_meta)
     train_time = time.perf_counter() - train_start
 
     base = _read_json(os.path.join(encoder_dir, PROVENANCE_FILE))
@@ -601,7 +539,9 @@ def finetune_encoder(
             "head_lr_multiplier": HEAD_LR_MULTIPLIER,
             "global_crop_scale": list(GLOBAL_CROP_SCALE),
             "local_crop_scale": list(LOCAL_CROP_SCALE),
-            "jitter": JITTER,
+            "crop": "MONAI RandScaleCropd, each side in sqrt(crop scale) of the image side, then Resized",
+            "flip": "left-right (MONAI spatial axis 0), p=0.5",
+            "jitter": f"brightness and contrast (about the mean), factors in [1 - {JITTER}, 1 + {JITTER}]",
             "grad_clip_norm": GRAD_CLIP_NORM,
             "lr_schedule": "cosine per iteration to 0, no warm-up",
             "saved": "student encoder",
@@ -609,9 +549,9 @@ def finetune_encoder(
         "images": int(images.shape[0]),
         "images_shape": list(images.shape),
         "images_sha256": images_sha256,
-        "iterations_per_epoch": len(data),
-        "resumed_from_epoch": int(started.get("epoch", 0)),
-        "epochs_trained_this_run": int(epochs - started.get("epoch", 0)),
+        "iterations_per_epoch": len(loader),
+        "resumed_from_epoch": record.resumed_from_epoch,
+        "epochs_trained_this_run": int(epochs - record.resumed_from_epoch),
         "epoch_losses": record.epoch_losses,
         "final_loss": record.epoch_losses[-1] if record.epoch_losses else None,
         "wall_time_s": round(time.perf_counter() - start, 3),
@@ -620,7 +560,7 @@ def finetune_encoder(
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
     }
-    _write_encoder(state.student.encoder, provenance, output_dir)
+    _write_encoder(student.encoder, provenance, output_dir)
     logger.info("fine-tuned encoder written to %s (final loss %s)", output_dir, provenance["final_loss"])
     return output_dir
 
@@ -631,11 +571,14 @@ def finetune_encoder(
 
 
 def _write_encoder(encoder: Dinov2Model, provenance: dict, output_dir: str) -> None:
-    """``save_pretrained`` + provenance.json into a temp sibling folder, then ``os.replace`` onto ``output_dir``."""
+    """``save_pretrained`` + provenance.json into a temp sibling folder moved onto ``output_dir`` (which may hold an
+    unfinished fine-tune) in one step (``atomic_files.atomic_path``)."""
     target = Path(output_dir).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    if target.exists():
+        logger.warning("replacing the unfinished folder %s", target)
+    with atomic_path(target) as tmp:
+        tmp = Path(tmp)
+        tmp.mkdir()
         encoder.cpu().save_pretrained(tmp)
         with open(tmp / PROVENANCE_FILE, "w", encoding="utf-8") as f:
             json.dump(provenance, f, indent=2, sort_keys=True)
@@ -644,12 +587,6 @@ def _write_encoder(encoder: Dinov2Model, provenance: dict, output_dir: str) -> N
             if child.is_file():
                 child.chmod(0o644)
         tmp.chmod(0o755)
-        if target.exists():
-            logger.warning("replacing the unfinished folder %s", target)
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_json(path: str) -> dict | None:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Dinov2Model
 
-from .network import IMAGENET_MEAN, IMAGENET_STD, backbone_autocast
+from .network import backbone_autocast, imagenet_normalize
 
 
 @torch.no_grad()
@@ -37,9 +37,7 @@ def dinov2_features(
     bad = [layer for layer in layers if not -depth - 1 <= layer <= depth]
     if bad or not layers:
         raise ValueError(f"feature layers {list(layers)} must be hidden-state indices in -{depth + 1}..{depth}")
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    x = (images - mean) / std
+    x = imagenet_normalize(images)
     views = (x, x.flip(-1)) if flip_average else (x,)
     skip = 1 + getattr(encoder.config, "num_register_tokens", 0)
     grids, global_feature = 0, None

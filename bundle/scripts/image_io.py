@@ -30,12 +30,14 @@ import errno
 import functools
 import logging
 import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from .atomic_files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ __all__ = [
     "check_image_size",
     "check_size_from_header",
     "find_inputs",
+    "label_classes",
     "label_slices",
     "list_inputs",
     "read_case",
@@ -67,10 +70,6 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 MAX_IMAGE_PIXELS = 25_000_000  # pixels of one 2-D image or of a volume's largest plane
 MAX_VOLUME_VOXELS = 200_000_000  # voxels of a whole volume or series (e.g. 512 x 512 x 760)
 MIN_IMAGE_SIDE = 8  # pixels on each side of a 2-D image (slice) of the pool: smaller ones carry no shape to segment
-
-# Above this many values the percentiles are estimated on a regular subsample (deterministic, much faster).
-_PERCENTILE_MAX_SAMPLES = 1 << 22
-_LOW_PERCENTILE, _HIGH_PERCENTILE = 0.5, 99.5
 
 
 @dataclass
@@ -444,42 +443,24 @@ def _check_finite(data: np.ndarray, path: str) -> None:
         raise ValueError(f"{path}: intensities contain non-finite values ({n_nan} NaN, {n_inf} Inf)")
 
 
-def _percentile_range(data: np.ndarray) -> tuple[float, float]:
-    flat = data.reshape(-1)
-    if flat.size > _PERCENTILE_MAX_SAMPLES:
-        flat = flat[:: flat.size // _PERCENTILE_MAX_SAMPLES + 1]
-    lo, hi = np.percentile(flat, [_LOW_PERCENTILE, _HIGH_PERCENTILE])
-    lo, hi = float(lo), float(hi)
-    if hi <= lo:  # (almost) constant at the percentiles, e.g. sparse bright spots on a flat background
-        lo, hi = float(data.min()), float(data.max())
-    return lo, hi
-
-
 def scale_intensity(data: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
-    """8-bit -> /255; anything else -> per-case 0.5/99.5 percentile window clipped to [0, 1]; constant -> zeros."""
-    if data.dtype == np.uint8:
-        return data.astype(np.float32) / np.float32(255.0), (0.0, 255.0)
-    if data.dtype == np.bool_:
-        return data.astype(np.float32), (0.0, 1.0)
-    values = data.astype(np.float32, copy=False)
-    lo, hi = _percentile_range(values)
-    if hi <= lo:
-        return np.zeros(values.shape, dtype=np.float32), (lo, hi)
-    out = (values - np.float32(lo)) / np.float32(hi - lo)
-    np.clip(out, 0.0, 1.0, out=out)
-    return out.astype(np.float32, copy=False), (lo, hi)
+    """8-bit -> /255; anything else -> per-case 0.5/99.5 percentile window clipped to [0, 1]; constant -> zeros
+    (``transforms.ScaleIntensityWindowd``, the first step of :func:`scripts.transforms.intensity_to_rgb`)."""
+    from .transforms import ScaleIntensityWindowd
+
+    out = ScaleIntensityWindowd("image")({"image": data})["image"]
+    window = out.meta["intensity_window"]
+    return np.asarray(out.as_tensor().numpy(), dtype=np.float32), window
 
 
 def to_rgb(data: np.ndarray, path: str) -> np.ndarray:
-    """(C, ...) -> (3, ...): grey repeated, grey+alpha -> grey, RGBA -> RGB."""
-    channels = data.shape[0]
-    if channels == 1:
-        return np.repeat(data, 3, axis=0)
-    if channels == 2:  # grey + alpha
-        return np.repeat(data[:1], 3, axis=0)
-    if channels in (3, 4):
-        return data[:3]
-    raise ValueError(f"{path}: unsupported number of channels {channels} (expected 1, 2, 3 or 4)")
+    """(C, ...) -> (3, ...): grey repeated, grey+alpha -> grey, RGBA -> RGB (``transforms.ToRGBd``)."""
+    from monai.data import MetaTensor
+
+    from .transforms import ToRGBd
+
+    out = ToRGBd("image")({"image": MetaTensor(torch.as_tensor(data), meta={"filename_or_obj": path})})["image"]
+    return out.as_tensor().numpy()
 
 
 def _squeezable_axis(spatial_shape: Sequence[int], slice_axis: int) -> int | None:
@@ -523,15 +504,23 @@ def read_case(
     is_volume = len(spatial_shape) == 3 and squeezed is None
     if data.shape[0] > 4:
         raise ValueError(f"{path}: unsupported number of channels {data.shape[0]} (expected 1, 2, 3 or 4)")
-    scaled, window = scale_intensity(data)
-    # channels are expanded per slice, so a large volume is not held three times in memory
+    # transforms.intensity_to_rgb, as inference.json: the window over the whole case, then channels per slice (so a
+    # large volume is not held three times over in one piece)
+    from monai.data import MetaTensor
+
+    from .transforms import intensity_to_rgb
+
+    window_step, rgb_step = intensity_to_rgb("image").transforms
+    scaled = window_step({"image": MetaTensor(torch.as_tensor(data), meta={"filename_or_obj": path})})["image"]
+    window = scaled.meta["intensity_window"]
+    scaled = scaled.as_tensor()
     if is_volume:
-        planes = [np.take(scaled, i, axis=slice_axis + 1) for i in range(spatial_shape[slice_axis])]
+        planes = [scaled.select(slice_axis + 1, i) for i in range(spatial_shape[slice_axis])]
     elif squeezed is not None:
-        planes = [np.take(scaled, 0, axis=squeezed + 1)]
+        planes = [scaled.select(squeezed + 1, 0)]
     else:
         planes = [scaled]
-    slices = [np.ascontiguousarray(to_rgb(p, path)) for p in planes]
+    slices = [np.ascontiguousarray(torch.as_tensor(rgb_step({"image": p})["image"]).numpy()) for p in planes]
     case_meta = _geometry(meta, len(spatial_shape))
     case_meta.update(
         {
@@ -576,16 +565,44 @@ def _same_up_to_singletons(a: Sequence[int], b: Sequence[int]) -> bool:
     return [s for s in a if s != 1] == [s for s in b if s != 1]
 
 
+LOSSY_SUFFIXES = (".jpg", ".jpeg")
+
+
+def label_classes(label: np.ndarray, num_classes: int, path: str | os.PathLike) -> np.ndarray:
+    """Class indices 0..C-1 from a stored label map, the one rule for every label file the bundle reads.
+
+    Values already in ``0 .. C-1`` are class indices as stored. A map whose only non-zero value is some ``k >= C``
+    (a 0/255 mask) becomes ``{0, 1}``; with ``C = 2`` that is every two-valued ``{0, k}`` mask. For ``C > 2`` a
+    ``{0, 2}`` map keeps meaning "only class 2 present". A JPEG mask with ``C = 2`` (lossy: grey values around the
+    edges) is foreground where its value is > 127. Anything else out of range (e.g. a ``{0, 128, 255}`` grey image)
+    is refused, naming the file."""
+    path = os.fspath(path)
+    if label.size == 0 or int(label.max()) < num_classes:
+        return label
+    values = np.unique(label)
+    nonzero = values[values != 0]
+    if len(nonzero) == 1:  # {0, k} or {k} with k >= C: a binary mask such as 0/255
+        return (label > 0).astype(np.int64)
+    if num_classes == 2 and path.lower().endswith(LOSSY_SUFFIXES):
+        return (label > 127).astype(np.int64)
+    shown = ", ".join(str(int(v)) for v in values[:8]) + (", ..." if len(values) > 8 else "")
+    raise ValueError(
+        f"{path}: label values {{{shown}}} are outside 0..{num_classes - 1} and not a two-valued {{0, k}} mask"
+    )
+
+
 def read_label(
-    path: str | os.PathLike, spatial_shape: Sequence[int] | None = None, binarize: bool = True
+    path: str | os.PathLike,
+    spatial_shape: Sequence[int] | None = None,
+    num_classes: int | None = None,
 ) -> np.ndarray:
     """Read a label map as ``int64`` in MONAI spatial order (same reader choice as :func:`read_case`).
 
-    Multi-channel (RGB/RGBA) masks use their first channel; palette PNGs keep their indices. A map with exactly two
-    values ``{0, k}`` (k > 1, e.g. 0/255 masks) or only the value 255 becomes ``{0, 1}``. With ``spatial_shape`` given
-    (e.g. ``case.spatial_shape``) the label must match it (singleton axes aside) and is returned with that shape.
-    Pass ``binarize=False`` to keep class indices as stored (e.g. reading back a multi-class map written by
-    :func:`write_label`, where ``{0, 2}`` means "only class 2 present").
+    Multi-channel (RGB/RGBA) masks use their first channel; palette PNGs keep their indices. With ``num_classes``
+    the values become class indices by :func:`label_classes` (0/255 masks -> {0, 1}; other out-of-range values are
+    refused); without, they are kept as stored (reading back a map written by :func:`write_label`). With
+    ``spatial_shape`` given (e.g. ``case.spatial_shape``) the label must match it (singleton axes aside) and is
+    returned with that shape.
     """
     path = os.fspath(path)
     data, _meta, _reader, kind = _load(path, for_label=True)
@@ -597,10 +614,8 @@ def read_label(
     label = label.astype(np.int64)
     if label.size and label.min() < 0:
         raise ValueError(f"{path}: label contains negative values (min {int(label.min())})")
-    values = np.unique(label)
-    two_valued = len(values) == 2 and values[0] == 0 and values[1] > 1
-    if binarize and (two_valued or (len(values) == 1 and values[0] == 255)):
-        label = (label > 0).astype(np.int64)
+    if num_classes is not None:
+        label = label_classes(label, num_classes, path)
     if spatial_shape is not None:
         expected = tuple(int(s) for s in spatial_shape)
         if tuple(label.shape) != expected:
@@ -626,25 +641,6 @@ def label_slices(case: Case, label: np.ndarray) -> list[np.ndarray]:
 # ----------------------------------------------------------------------------------------------------------------------
 # writing
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _temp_path(final: str, suffix: str) -> str:
-    """Hidden temporary name next to ``final`` that keeps the suffix (writers pick the format from it)."""
-    folder, base = os.path.split(final)
-    return os.path.join(folder, f".{base[: -len(suffix)]}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
-
-
-def _atomic_write(final: str, suffix: str, write_fn) -> str:
-    os.makedirs(os.path.dirname(final) or ".", exist_ok=True)
-    tmp = _temp_path(final, suffix)
-    try:
-        write_fn(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return final
 
 
 def _label_dtype(label: np.ndarray, case: Case) -> type:
@@ -696,7 +692,9 @@ def write_label(case: Case, label_slices: Sequence[np.ndarray], out_dir: str | o
             # PILWriter's default reverse_indexing=True turns (X, Y) back into PIL's (height, width) layout.
             writer.write(tmp, format="PNG")
 
-        return _atomic_write(final, suffix, write_png)
+        with atomic_path(final) as tmp:  # keeps the suffix: the writer picks the format from it
+            write_png(tmp)
+        return final
 
     meta = case.meta
 
@@ -710,4 +708,6 @@ def write_label(case: Case, label_slices: Sequence[np.ndarray], out_dir: str | o
         writer.affine = np.asarray(meta["affine"], dtype=np.float64)
         writer.write(tmp)
 
-    return _atomic_write(final, suffix, write_nifti)
+    with atomic_path(final) as tmp:
+        write_nifti(tmp)
+    return final

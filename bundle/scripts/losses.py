@@ -57,19 +57,25 @@ class SemanticDiceCELoss(nn.Module):
 
 
 def semantic_to_instances(
-    label: torch.Tensor, num_classes: int, fill: torch.Tensor | None = None, bootstrap: float = 0.0
+    label: torch.Tensor,
+    num_classes: int,
+    fill: torch.Tensor | None = None,
+    bootstrap: float = 0.0,
+    present: list[list[int]] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(B, 1, H, W) label maps -> per image, binary masks (n, H, W) and class ids (n,) of the classes present.
 
     ``fill`` (B, C, H, W): mask values at ``IGNORE_LABEL`` pixels (default 0); with ``bootstrap`` b, every other
-    pixel's mask value becomes (1 - b) x its binary value + b x ``fill``."""
+    pixel's mask value becomes (1 - b) x its binary value + b x ``fill``. ``present``: per image, the classes that
+    are there (default: those with a labelled pixel); a class present only under ignored pixels is then still an
+    object, whose mask there is ``fill``."""
     masks, classes = [], []
     for b, item in enumerate(label[:, 0].long()):
-        present = [c for c in range(num_classes) if (item == c).any()]
-        classes.append(torch.tensor(present, dtype=torch.long, device=label.device))
+        image_classes = [c for c in range(num_classes) if (item == c).any()] if present is None else list(present[b])
+        classes.append(torch.tensor(image_classes, dtype=torch.long, device=label.device))
         ignored = item == IGNORE_LABEL
         per_class = []
-        for c in present:
+        for c in image_classes:
             mask = (item == c).float()
             if fill is not None:
                 own = fill[b, c].to(mask.dtype)
@@ -93,10 +99,13 @@ class Mask2FormerSemanticLoss(nn.Module):
         self.semantic = SemanticDiceCELoss(network.num_classes, bootstrap)  # checks bootstrap
         self.bootstrap = self.semantic.bootstrap
 
-    def forward(self, pred: tuple, label: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+    def forward(
+        self, pred: tuple, label: torch.Tensor, rows: slice | torch.Tensor | None = None, present=None
+    ) -> torch.Tensor:
         """``rows``: the log-probabilities and ``label`` are these rows of the forward's batch, whose per-query outputs
         ``pred`` holds whole (a forward shared by several streams, consistency.py); Mask2Former's outputs are per
-        image, so this is the loss of a forward of them alone."""
+        image, so this is the loss of a forward of them alone. ``present``: per image, the classes there (default:
+        the labelled ones; see ``semantic_to_instances``)."""
         if not isinstance(pred, (tuple, list)) or len(pred) != 2:
             raise TypeError(
                 "Mask2FormerSemanticLoss needs (log_probs, query outputs): train network.WithQueryOutputs(network)"
@@ -107,7 +116,9 @@ class Mask2FormerSemanticLoss(nn.Module):
         m2f = self.network.mask2former
         needs_fill = self.bootstrap or (label == IGNORE_LABEL).any()
         fill = pred.detach().softmax(dim=1) if needs_fill else None
-        mask_labels, class_labels = semantic_to_instances(label, self.network.num_classes, fill, self.bootstrap)
+        mask_labels, class_labels = semantic_to_instances(
+            label, self.network.num_classes, fill, self.bootstrap, present
+        )
         losses = m2f.get_loss_dict(
             masks_queries_logits=out.masks_queries_logits,
             class_queries_logits=out.class_queries_logits,
@@ -121,7 +132,18 @@ class Mask2FormerSemanticLoss(nn.Module):
         return loss
 
 
-def query_output_rows(out, rows: slice) -> SimpleNamespace:
+# the ``loss`` option's choices: which class medsmile.json's ``loss_function`` part builds
+LOSSES = {"mask2former": Mask2FormerSemanticLoss, "dicece": SemanticDiceCELoss}
+
+
+def loss_class(name: str) -> type[nn.Module]:
+    """The loss class ``loss`` names (medsmile.json's ``loss_function`` target), refused by name when unknown."""
+    if name not in LOSSES:
+        raise ValueError(f"loss={name!r} must be one of {tuple(LOSSES)}")
+    return LOSSES[name]
+
+
+def query_output_rows(out, rows: slice | torch.Tensor) -> SimpleNamespace:
     """The per-query outputs Mask2Former's loss reads (class and mask logits, auxiliary layers) for ``rows`` of the
     batch."""
     return SimpleNamespace(

@@ -8,12 +8,11 @@ Conventions (the same everywhere in this module):
   truth empty but prediction not -> 0.
 - ``mean_dice`` / ``mean_iou`` ("mDice" / "mIoU") = mean over images of the per-image mean over foreground classes.
   ``per_class[c]`` = mean over images of class c's score.
-- Label files are read with MONAI ``LoadImage`` (PILReader / NibabelReader / ITKReader, through
-  :func:`scripts.image_io.read_label`). Values already in ``0 .. C-1`` are class indices as stored. A map whose
-  only non-zero value is some ``k >= C`` (a 0/255 mask) becomes ``{0, 1}``; with ``C = 2`` that is every
-  two-valued ``{0, k}`` mask. For ``C > 2`` a ``{0, 2}`` map keeps meaning "only class 2 present". A JPEG mask with
-  ``C = 2`` (lossy: grey values around the edges) is foreground where its value is > 127. Anything else out of
-  range is an error.
+- Label files (prediction and truth) are read with MONAI ``LoadImage`` through
+  :func:`scripts.image_io.read_label` with ``num_classes``, so the bundle's one rule applies
+  (:func:`scripts.image_io.label_classes`): values in ``0 .. C-1`` are class indices as stored, a 0/255 (any
+  ``{0, k}``, ``k >= C``) mask becomes ``{0, 1}``, a lossy JPEG mask with ``C = 2`` is foreground where > 127, and
+  anything else out of range is an error.
 - Images whose truth is empty (no foreground class; BUSI's normal scans, volume slices without the structure) make
   ``mean_dice`` depend on how many there are. So :func:`presence_summary` also reports ``nonempty_dice`` (mean Dice
   over images whose truth is not empty) and image-level ``specificity`` (empty truth predicted empty) and
@@ -38,14 +37,13 @@ import torch
 from monai.metrics import compute_dice, compute_iou
 from monai.networks.utils import one_hot
 
-from .atomic_files import write_json_atomic
+from .atomic_files import atomic_path, write_json_atomic
 from .image_io import read_label
 
 logger = logging.getLogger(__name__)
 
 # Longest first so that ".nii.gz" wins over ".gz"-less matches.
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-LOSSY_SUFFIXES = (".jpg", ".jpeg")
 METRICS_FILE = "metrics.json"
 PER_IMAGE_FILE = "per_image.csv"
 LABEL_QUALITY_FILE = "label_quality.json"
@@ -215,26 +213,6 @@ def _pair(truth: dict[str, str], preds: dict[str, str]) -> tuple[list[tuple[str,
     return pairs, missing
 
 
-def _to_classes(label: np.ndarray, num_classes: int, path: str) -> np.ndarray:
-    """Class indices 0..C-1 from a stored label map (see the module docstring for the rules)."""
-    if label.size == 0 or int(label.max()) < num_classes:
-        return label
-    values = np.unique(label)
-    nonzero = values[values != 0]
-    if len(nonzero) == 1:  # {0, k} or {k} with k >= C: a binary mask such as 0/255
-        return (label > 0).astype(np.int64)
-    if num_classes == 2 and path.lower().endswith(LOSSY_SUFFIXES):
-        return (label > 127).astype(np.int64)
-    shown = ", ".join(str(int(v)) for v in values[:8]) + (", ..." if len(values) > 8 else "")
-    raise ValueError(
-        f"{path}: label values {{{shown}}} are outside 0..{num_classes - 1} and not a two-valued {{0, k}} mask"
-    )
-
-
-def _read(path: str, num_classes: int) -> np.ndarray:
-    return _to_classes(read_label(path, binarize=False), num_classes, path)
-
-
 def _same_shape(pred: np.ndarray, truth: np.ndarray, pred_path: str, truth_path: str) -> np.ndarray:
     if pred.shape == truth.shape:
         return pred
@@ -250,8 +228,7 @@ def _write_per_image(path: str, rows: Sequence[tuple[str, dict]], num_classes: i
     classes = range(1, num_classes)
     header = ["image", *(f"dice_c{c}" for c in classes), *(f"iou_c{c}" for c in classes), "mean_dice", "mean_iou"]
     header += ["truth_empty", "pred_empty"]
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for key, s in rows:
@@ -259,7 +236,6 @@ def _write_per_image(path: str, rows: Sequence[tuple[str, dict]], num_classes: i
                 [key, *s["dice"], *s["iou"], float(np.mean(s["dice"])), float(np.mean(s["iou"]))]  # full precision
                 + [int(not s["truth_present"]), int(not s["pred_present"])]
             )
-    os.replace(tmp, path)
 
 
 def evaluate_folders(
@@ -308,8 +284,8 @@ def evaluate_folders(
 
     rows, volume_dice, slices = [], [], []
     for key, pred_path, truth_path in pairs:
-        truth_map = _read(truth_path, num_classes)
-        pred_map = _same_shape(_read(pred_path, num_classes), truth_map, pred_path, truth_path)
+        truth_map = read_label(truth_path, num_classes=num_classes)
+        pred_map = _same_shape(read_label(pred_path, num_classes=num_classes), truth_map, pred_path, truth_path)
         scores = segmentation_scores(pred_map, truth_map, num_classes)
         rows.append((key, {**scores, "truth_present": bool(truth_map.any()), "pred_present": bool(pred_map.any())}))
         if truth_map.ndim == 3 and min(truth_map.shape) > 1:  # a volume: its Dice is the per-volume Dice

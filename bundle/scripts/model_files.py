@@ -16,6 +16,8 @@ import shutil
 import time
 from collections.abc import Sequence
 
+from .atomic_files import atomic_path
+
 logger = logging.getLogger(__name__)
 
 NETWORK_FILE = "network.json"
@@ -154,9 +156,8 @@ def publish_model(run_model_dir: str, models_dir: str, model_stem: str, trained_
             if name not in files:
                 os.remove(os.path.join(models_dir, name))
     for name in [n for n in files if n != NETWORK_FILE] + [NETWORK_FILE]:
-        tmp = os.path.join(models_dir, name + ".tmp")
-        shutil.copyfile(os.path.join(run_model_dir, name), tmp)
-        os.replace(tmp, os.path.join(models_dir, name))
+        with atomic_path(os.path.join(models_dir, name)) as tmp:
+            shutil.copyfile(os.path.join(run_model_dir, name), tmp)
     logger.info(
         "%s now holds the model of run %s (fingerprint %s)",
         models_dir,

@@ -16,6 +16,7 @@ With a frozen backbone the token grid of an image never changes, so a round comp
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -27,6 +28,24 @@ from transformers.models.mask2former.modeling_mask2former import Mask2FormerPixe
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_stats(like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as (1, 3, 1, 1) tensors, with ``like``'s dtype and device when given."""
+    kw = {"dtype": like.dtype, "device": like.device} if like is not None else {}
+    return torch.tensor(IMAGENET_MEAN, **kw).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD, **kw).view(1, 3, 1, 1)
+
+
+def imagenet_normalize(
+    images: torch.Tensor, mean: torch.Tensor | None = None, std: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The input normalisation of DINOv2 (ImageNet statistics) for float images (N, 3, H, W) in [0, 1]. A module
+    passes its own ``mean``/``std`` buffers (from :func:`imagenet_stats`), so a traced TorchScript model follows
+    ``.to(device)``; otherwise they are made on the images' device."""
+    if mean is None or std is None:
+        mean, std = imagenet_stats(images)
+    return (images - mean) / std
+
 
 FEATURE_PYRAMIDS = ("project_first", "upsample_first")
 
@@ -191,8 +210,9 @@ class Mask2FormerDinov2(nn.Module):
         pixel_module.decoder.apply(self.mask2former._init_weights)
         if encoder_weights is not None:
             self.load_encoder_weights(encoder_weights)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        mean, std = imagenet_stats()  # buffers: a traced model.ts moves them with .to(device)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
 
     @property
     def backbone(self) -> nn.Module:
@@ -221,13 +241,13 @@ class Mask2FormerDinov2(nn.Module):
         float32; ``bf16`` runs the backbone under bf16 autocast where the device supports it."""
         self._check_size(*x.shape[-2:])
         with backbone_autocast(x.device, bf16):
-            return self.pyramid.tokens((x - self.mean) / self.std).float()
+            return self.pyramid.tokens(imagenet_normalize(x, self.mean, self.std)).float()
 
     def forward(self, x: torch.Tensor, with_queries: bool = False):
         """Log-probabilities (B, C, H, W); ``with_queries`` also returns Mask2Former's per-query outputs of the same
         pass (with the auxiliary layers), which its set loss reads (losses.py), as ``(log_probs, outputs)``."""
         self._check_size(*x.shape[-2:])
-        return self._segment((x - self.mean) / self.std, x.shape[-2:], with_queries)
+        return self._segment(imagenet_normalize(x, self.mean, self.std), x.shape[-2:], with_queries)
 
     def forward_tokens(self, grid: torch.Tensor, with_queries: bool = False):
         """``forward`` of the images whose ``backbone_tokens`` are ``grid``: the backbone is not run."""
@@ -283,4 +303,8 @@ def network_from_file(path: str | os.PathLike) -> Mask2FormerDinov2:
         spec = json.load(f)
     spec = {k: v for k, v in spec.items() if k not in RECORD_KEYS}
     spec.setdefault("feature_pyramid", "upsample_first")  # network.json of bundles before 0.4.0
-    return Mask2FormerDinov2(**spec)
+    target = spec.pop("_target_", None)  # a subclass that the run's network_def named
+    if target is None:
+        return Mask2FormerDinov2(**spec)
+    module, _, name = target.rpartition(".")
+    return getattr(importlib.import_module(module), name)(**spec)

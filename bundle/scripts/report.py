@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
+from .atomic_files import atomic_path
 from .image_io import case_name, label_slices, read_case, read_label, split_name
 from .metrics import evaluate_rounds
 from .pool import pool_sources
@@ -116,15 +116,13 @@ def write_review_csv(output_dir: str) -> str | None:
         return None
     last = scored[-1]
     label_files = _round_record(output_dir, last)["label_files"]
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["rank", "image", "mean_pixel_entropy", "refined_in_last_round", "label_file"])
         for rank, item in enumerate(ranked_uncertainty(output_dir, last), start=1):
             case, _ = _split_item(item.image, label_files)
             label_file = f"round_{last}/{label_files[case]}".replace(os.sep, "/")
             writer.writerow([rank, item.image, f"{item.entropy:.6f}", int(item.refined), label_file])
-    os.replace(tmp, path)
     return path
 
 
@@ -258,7 +256,8 @@ def _thumbnails(output_dir, report_dir, config, r, ranked, num_thumbnails) -> tu
         try:
             case, slices = read_case(sources[case_name], config.get("slice_axis", 2), config.get("dataset_dir"))
             label_path = os.path.join(output_dir, f"round_{r}", label_files[case_name])
-            label = label_slices(case, read_label(label_path, case.spatial_shape, binarize=False))[slice_index]
+            label = read_label(label_path, case.spatial_shape, config.get("num_classes", 2))
+            label = label_slices(case, label)[slice_index]
         except ValueError as err:
             return Thumbnail(item, rank, None, f"could not read: {err}")
         file = f"{prefix}_{index:02d}.png"
@@ -377,40 +376,39 @@ def write_report(output_dir: str, ground_truth_dir: str | None = None, num_thumb
     has_review = write_review_csv(output_dir) is not None
 
     final_dir = os.path.join(output_dir, REPORT_DIR)
-    report_dir = final_dir + ".partial"
-    shutil.rmtree(report_dir, ignore_errors=True)
-    os.makedirs(report_dir)
+    with atomic_path(final_dir) as report_dir:  # built beside the old one and swapped in: no stale figure stays
+        os.makedirs(report_dir)
 
-    figures: list[tuple[str, str]] = []
-    quality = None
-    if ground_truth_dir:
-        quality = {q["round"]: q for q in evaluate_rounds(output_dir, ground_truth_dir, config.get("num_classes", 2))}
-        _dice_lines(os.path.join(report_dir, "dice_per_round.png"), list(quality.values()))
-        figures.append(("Dice and IoU of the pseudo-labels per round", "dice_per_round.png"))
-    scored = _scored_rounds(output_dir)
-    thumbs, last_round = None, None
-    if scored:
-        _refined_bars(
-            os.path.join(report_dir, "refined_per_round.png"),
-            scored,
-            [len(records[r].get("refined", [])) for r in scored],
-        )
-        figures.append(("Images refined per round", "refined_per_round.png"))
-        ranked = {r: ranked_uncertainty(output_dir, r) for r in scored}
-        bins = np.histogram_bin_edges([s.entropy for items in ranked.values() for s in items], bins=20)
-        for r in scored:
-            file = f"uncertainty_round_{r}.png"
-            _uncertainty_histogram(
-                os.path.join(report_dir, file), r, ranked[r], bins, records[r].get("uncertainty_threshold")
+        figures: list[tuple[str, str]] = []
+        quality = None
+        if ground_truth_dir:
+            quality = {
+                q["round"]: q for q in evaluate_rounds(output_dir, ground_truth_dir, config.get("num_classes", 2))
+            }
+            _dice_lines(os.path.join(report_dir, "dice_per_round.png"), list(quality.values()))
+            figures.append(("Dice and IoU of the pseudo-labels per round", "dice_per_round.png"))
+        scored = _scored_rounds(output_dir)
+        thumbs, last_round = None, None
+        if scored:
+            _refined_bars(
+                os.path.join(report_dir, "refined_per_round.png"),
+                scored,
+                [len(records[r].get("refined", [])) for r in scored],
             )
-            figures.append((f"Uncertainty histogram, round {r}", file))
-        last_round = scored[-1]
-        thumbs = _thumbnails(output_dir, report_dir, config, last_round, ranked[last_round], num_thumbnails)
+            figures.append(("Images refined per round", "refined_per_round.png"))
+            ranked = {r: ranked_uncertainty(output_dir, r) for r in scored}
+            bins = np.histogram_bin_edges([s.entropy for items in ranked.values() for s in items], bins=20)
+            for r in scored:
+                file = f"uncertainty_round_{r}.png"
+                _uncertainty_histogram(
+                    os.path.join(report_dir, file), r, ranked[r], bins, records[r].get("uncertainty_threshold")
+                )
+                figures.append((f"Uncertainty histogram, round {r}", file))
+            last_round = scored[-1]
+            thumbs = _thumbnails(output_dir, report_dir, config, last_round, ranked[last_round], num_thumbnails)
 
-    page = _page(output_dir, config, summary, records, quality, figures, thumbs, last_round, has_review)
-    with open(os.path.join(report_dir, "index.html"), "w", encoding="utf-8") as f:
-        f.write(page)
-    shutil.rmtree(final_dir, ignore_errors=True)
-    os.replace(report_dir, final_dir)
+        page = _page(output_dir, config, summary, records, quality, figures, thumbs, last_round, has_review)
+        with open(os.path.join(report_dir, "index.html"), "w", encoding="utf-8") as f:
+            f.write(page)
     logger.info("report: %s", os.path.join(final_dir, "index.html"))
     return os.path.join(final_dir, "index.html")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .atomic_files import move_into_place
 from .image_io import label_slices, read_label, write_label
 from .pool import ImagePool
 
@@ -47,7 +48,7 @@ def finish_round(output_dir: str, r: int, partial: str, record: dict) -> str:
     with open(os.path.join(partial, ROUND_FILE), "w") as f:
         json.dump(record, f, indent=2)
     final = round_dir(output_dir, r)
-    os.replace(partial, final)
+    move_into_place(partial, final, replace_folder=False)  # a complete round is never overwritten
     return final
 
 
@@ -98,7 +99,7 @@ def read_round_labels(
         case = pool.cases[item.case]
         if cache is None or cache[0] != item.case:
             path = os.path.join(folder, files[case.name])
-            cache = (item.case, label_slices(case, read_label(path, case.spatial_shape, binarize=False)))
+            cache = (item.case, label_slices(case, read_label(path, case.spatial_shape)))
         grid = torch.as_tensor(np.ascontiguousarray(cache[1][item.slice]), dtype=torch.float32)[None, None]
         labels[i] = F.interpolate(grid, size=(size, size), mode="nearest")[0, 0].to(torch.uint8)
     ignored_path = os.path.join(folder, IGNORED_FILE)

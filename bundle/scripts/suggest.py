@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .atomic_files import write_json_atomic
+from .atomic_files import atomic_path, write_json_atomic
 from .demo_data import make_demo_data
 from .encoder import load_dinov2, resolve_encoder
 from .features import dinov2_features
@@ -198,8 +198,7 @@ def _item_name(pool: ImagePool, i: int) -> str:
 
 def write_ranking(path: str, pool: ImagePool, scores: dict[str, np.ndarray]) -> None:
     """ranking.csv: one row per pool image, best first (written to a temporary file, then moved into place)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(RANKING_COLUMNS)
         for rank, i in enumerate(scores["order"], start=1):
@@ -215,7 +214,6 @@ def write_ranking(path: str, pool: ImagePool, scores: dict[str, np.ndarray]) -> 
                     item.slice,
                 ]
             )
-    os.replace(tmp, path)
 
 
 def read_ranking(path: str) -> list[dict]:
@@ -252,9 +250,8 @@ def write_preview(path: str, thumbnails: torch.Tensor, captions: list[str], colu
         while len(text) > 4 and draw.textlength(text, font=font) > tile - 4:
             text = text[:-2] + "…"
         draw.text((x + 2, y + tile + 2), text, fill="black", font=font)
-    tmp = path + ".tmp.png"
-    canvas.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp)
 
 
 # ---------------------------------------------------------------------------------------------------- entry point

@@ -6,10 +6,13 @@ rank's share of the pool; single-process runs are unchanged."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
 import os
 import pickle
+import re
 
 import numpy as np
 import torch
@@ -17,7 +20,7 @@ from ignite.contrib.handlers import ProgressBar
 from ignite.engine import Events
 from monai.data import Dataset
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
-from monai.handlers import CheckpointLoader, CheckpointSaver, LrScheduleHandler, StatsHandler, from_engine
+from monai.handlers import CheckpointLoader, CheckpointSaver, LrScheduleHandler, from_engine
 from monai.inferers import SimpleInferer
 from monai.transforms import (
     Compose,
@@ -33,7 +36,7 @@ from monai.utils import set_determinism
 from . import distributed
 from .handlers import GradientClipHandler, KNNRefinementHandler, PixelEntropyHandler, RoundPredictions
 from .inferers import FlipAveragingInferer
-from .losses import Mask2FormerSemanticLoss, SemanticDiceCELoss
+from .losses import loss_class
 from .network import WithQueryOutputs
 from .pool_store import RowItems
 from .token_cache import TokenHead, token_training_transform
@@ -98,12 +101,25 @@ def round_epochs(num_items: int, batch_size: int, epochs: int, min_iterations: i
     return max(epochs, math.ceil(min_iterations / per_epoch))
 
 
-def build_loss(name: str, network: torch.nn.Module, bootstrap: float = 0.0) -> torch.nn.Module:
-    if name == "mask2former":
-        return Mask2FormerSemanticLoss(network, bootstrap=bootstrap)
-    if name == "dicece":
-        return SemanticDiceCELoss(network.num_classes, bootstrap)
-    raise ValueError(f"loss must be 'mask2former' or 'dicece', got {name!r}")
+def call_with(part, *args, **runtime):
+    """Call a config part (a ``_mode_: "callable"`` partial from the bundle config, or a class or function) with
+    ``args`` and those of the ``runtime`` values its signature names and the config did not already set: the one rule
+    by which the pipeline hands a swapped-in optimizer, scheduler, loss or network what it needs at run time."""
+    try:
+        params = inspect.signature(part).parameters
+    except (TypeError, ValueError):  # no signature to read: pass nothing by name
+        params = {}
+    bound = part.keywords if isinstance(part, functools.partial) else {}
+    extra = {k: v for k, v in runtime.items() if k in params and k not in bound}
+    return part(*args, **extra)
+
+
+def build_loss(name, network: torch.nn.Module, bootstrap: float = 0.0) -> torch.nn.Module:
+    """The round's loss: ``name`` a config part (``loss_function`` in medsmile.json, called with the network and its
+    class count as far as it takes them) or, for callers outside the bundle config, "mask2former" / "dicece"."""
+    if callable(name):
+        return call_with(name, network=network, num_classes=network.num_classes)
+    return call_with(loss_class(name), network=network, num_classes=network.num_classes, bootstrap=bootstrap)
 
 
 def build_optimizer(
@@ -112,8 +128,10 @@ def build_optimizer(
     head_learning_rate: float | None,
     weight_decay: float,
     freeze_backbone: bool,
-) -> torch.optim.AdamW:
-    """AdamW with one learning rate for the pretrained DINOv2 backbone and one for the rest (feature pyramid and
+    optimizer=None,
+) -> torch.optim.Optimizer:
+    """``optimizer`` (default AdamW with ``weight_decay``; medsmile.json's ``optimizer`` part) over two parameter
+    groups: one learning rate for the pretrained DINOv2 backbone and one for the rest (feature pyramid and
     Mask2Former), which starts from random weights every round and needs larger steps to converge in a few hundred
     iterations. A frozen backbone is left out; ``head_learning_rate`` None means ``learning_rate`` for everything."""
     if freeze_backbone:
@@ -125,9 +143,17 @@ def build_optimizer(
         {"params": [p for p in network.parameters() if p.requires_grad and id(p) not in backbone], "lr": head_lr},
     ]
     params = [p for g in groups for p in g["params"]]
-    # one fused kernel per step instead of a dozen element-wise ops per tensor (CPU and CUDA float parameters)
+    # one fused kernel per step instead of a dozen element-wise ops per tensor (CPU and CUDA float parameters),
+    # for an optimizer that has a fused kernel (AdamW, Adam, SGD) unless the config sets it
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay, fused=fused)
+    if optimizer is None:
+        optimizer = functools.partial(torch.optim.AdamW, weight_decay=weight_decay)
+    return call_with(optimizer, [g for g in groups if g["params"]], fused=fused)
+
+
+# the names by which a learning-rate scheduler takes the length of its schedule (CosineAnnealingLR, LinearLR /
+# PolynomialLR, OneCycleLR): a scheduler from the config gets the round's iteration count under its own name
+SCHEDULE_LENGTH_ARGS = ("T_max", "total_iters", "total_steps")
 
 
 def train_round(
@@ -149,11 +175,18 @@ def train_round(
     bootstrap_targets: float = 0.0,
     token_views: bool = False,
     consistency=None,
+    optimizer=None,
+    lr_scheduler=None,
+    handlers=(),
 ) -> dict:
     """Train ``network`` in place with AdamW, cosine annealing per iteration, grad clipping and CE + Dice.
 
-    ``loss``: "mask2former" (its set loss + CE + Dice on the semantic map, see losses.py) or "dicece" (CE + Dice on
-    the semantic map only). ``freeze_backbone`` keeps the pretrained DINOv2 fixed and trains the feature pyramid
+    ``loss``: "mask2former" (its set loss + CE + Dice on the semantic map, see losses.py), "dicece" (CE + Dice on
+    the semantic map only) or a config part called with the network (``build_loss``). ``optimizer`` and
+    ``lr_scheduler``: config parts that replace AdamW (``build_optimizer``) and the cosine schedule (called with the
+    optimizer and the round's iteration count, ``SCHEDULE_LENGTH_ARGS``), stepped per iteration. ``handlers``: more
+    train handlers (medsmile.json's ``train_handlers``: loss logging) attached after the ones the round needs
+    (schedule, clipping, epoch checkpoints). ``freeze_backbone`` keeps the pretrained DINOv2 fixed and trains the feature pyramid
     and Mask2Former only: half the CPU time per step (no backward through the ViT) and no drift of the features
     towards the noise of the pseudo-labels. ``learning_rate`` is the backbone's, ``head_learning_rate`` the rest's
     (see ``build_optimizer``). ``bootstrap_targets`` mixes the network's own prediction into the targets (losses.py).
@@ -170,9 +203,13 @@ def train_round(
         raise ValueError("consistency round training runs on cached token views (token_views=True)")
     transform = token_training_transform() if token_views else training_transform(augmentation)
     loader = distributed.train_loader(Dataset(items, transform=transform), batch_size, num_workers, seed=seed)
-    optimizer = build_optimizer(network, learning_rate, head_learning_rate, weight_decay, freeze_backbone)
+    optimizer = build_optimizer(network, learning_rate, head_learning_rate, weight_decay, freeze_backbone, optimizer)
     total_steps = max(1, epochs * len(loader))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    scheduler = call_with(
+        lr_scheduler or torch.optim.lr_scheduler.CosineAnnealingLR,
+        optimizer,
+        **dict.fromkeys(SCHEDULE_LENGTH_ARGS, total_steps),
+    )
     trainer = SupervisedTrainer(
         device=device,
         max_epochs=epochs,
@@ -184,19 +221,14 @@ def train_round(
         inferer=SimpleInferer(),
         decollate=False,
         iteration_update=consistency,
-        train_handlers=[
-            LrScheduleHandler(lr_scheduler=scheduler, print_lr=False, epoch_level=False),
-            StatsHandler(
-                tag_name="train_loss", output_transform=from_engine(["loss"], first=True), iteration_log=False
-            ),
-        ],
+        train_handlers=[LrScheduleHandler(lr_scheduler=scheduler, print_lr=False, epoch_level=False), *handlers],
     )
     GradientClipHandler(grad_clip_norm).attach(trainer)
     ProgressBar(desc="train", persist=False).attach(trainer, output_transform=from_engine(["loss"], first=True))
     save_dict = {"network": network, "optimizer": optimizer, "lr": scheduler, "trainer": trainer}
     if consistency is not None:
         save_dict["teacher"] = consistency.teacher
-    last = _latest_checkpoint(checkpoint_dir)
+    last = latest_checkpoint(checkpoint_dir)
     if last:
         logger.info("resuming round training from %s", last)
         CheckpointLoader(load_path=last, load_dict=save_dict, map_location=device).attach(trainer)
@@ -217,17 +249,22 @@ def train_round(
     return {"epochs": epochs, "iterations": trainer.state.iteration, "last_epoch_loss": losses}
 
 
-def _latest_checkpoint(folder: str) -> str | None:
-    """Newest epoch checkpoint that loads. MONAI's CheckpointSaver writes in place (not atomically), so a crash
-    during a save can leave a truncated newest file: it is removed and the previous one is used."""
+def latest_checkpoint(folder: str, prefix: str = "") -> str | None:
+    """Newest epoch checkpoint that MONAI's ``CheckpointSaver`` (``file_prefix=prefix``) wrote in ``folder`` and that
+    loads, by the epoch in its name (``[<prefix>_]<key>_epoch=<N>.pt``), then by time. The saver writes in place (not
+    atomically), so a crash during a save can leave a truncated newest file: it is removed and the previous one used."""
     if not os.path.isdir(folder):
         return None
-    files = sorted(
-        (os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".pt")), key=os.path.getmtime, reverse=True
-    )
-    for path in files:
+    start = f"{prefix}_" if prefix else ""
+    files = [os.path.join(folder, f) for f in os.listdir(folder) if f.startswith(start) and f.endswith(".pt")]
+
+    def newness(path: str) -> tuple[int, float]:
+        epoch = re.search(r"(\d+)\.pt$", os.path.basename(path))
+        return (int(epoch.group(1)) if epoch else -1, os.path.getmtime(path))
+
+    for path in sorted(files, key=newness, reverse=True):
         try:
-            torch.load(path, map_location="cpu", weights_only=True)
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             return path
         except (EOFError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as err:  # truncated or corrupt
             logger.warning("discarding unreadable checkpoint %s (%s)", path, err)

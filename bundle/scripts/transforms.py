@@ -6,41 +6,106 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Resized, SaveImaged
+from monai.data.meta_obj import get_track_meta
+from monai.transforms import (
+    Compose,
+    MapTransform,
+    RepeatChannel,
+    Resized,
+    SaveImaged,
+    ScaleIntensityRange,
+)
+from monai.transforms.utils_pytorch_numpy_unification import percentile
+from monai.utils import convert_to_tensor
 
-from .image_io import scale_intensity, to_rgb
+# Above this many values the percentiles are estimated on a regular subsample (deterministic, much faster).
+PERCENTILE_MAX_SAMPLES = 1 << 22
+LOW_PERCENTILE, HIGH_PERCENTILE = 0.5, 99.5
 
 
-class IntensityToRGBd(MapTransform):
-    """Channel-first image of any dtype -> 3-channel float32 in [0, 1] with ``image_io``'s rule (8-bit / 255,
-    otherwise the 0.5/99.5 percentile window; grey repeated). Load with ``LoadImaged(dtype=None)`` so the rule sees
-    the stored dtype. A volume ``(C, X, Y, Z)`` is windowed as a whole and rounded to 8-bit levels, as the training
-    pool reads volumes (and the Deploy app hands their slices over)."""
+def intensity_window(image: np.ndarray | torch.Tensor) -> tuple[float, float]:
+    """The stored intensities that map to 0 and 1: 8-bit 0..255, boolean 0..1, any other dtype its 0.5/99.5
+    percentiles (of a regular subsample above ``PERCENTILE_MAX_SAMPLES`` values), or its min..max where those
+    coincide (sparse bright spots on a flat background). Computed here, once, rather than by MONAI's
+    ``ScaleIntensityRangePercentiles``: that one sorts every voxel of a volume twice and has no such fallback."""
+    if image.dtype in (np.uint8, torch.uint8):
+        return 0.0, 255.0
+    if image.dtype in (np.bool_, torch.bool):
+        return 0.0, 1.0
+    flat = np.asarray(image.numpy() if isinstance(image, torch.Tensor) else image, dtype=np.float32).reshape(-1)
+    if flat.size > PERCENTILE_MAX_SAMPLES:
+        flat = flat[:: flat.size // PERCENTILE_MAX_SAMPLES + 1]
+    lo, hi = (float(v) for v in percentile(flat, [LOW_PERCENTILE, HIGH_PERCENTILE]))
+    if hi <= lo:
+        lo, hi = float(flat.min()), float(flat.max())
+    return lo, hi
 
-    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
+
+class ScaleIntensityWindowd(MapTransform):
+    """MONAI's ``ScaleIntensityRange`` from :func:`intensity_window` to [0, 1], clipped, float32 (a constant image
+    -> 0); the window goes into the output's meta. Load with ``LoadImaged(dtype=None)`` so it sees the stored
+    dtype."""
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            lo, hi = intensity_window(d[key])
+            image = convert_to_tensor(d[key], dtype=torch.float32, track_meta=get_track_meta())
+            if hi <= lo:
+                image = image * 0  # flat: ScaleIntensityRange would divide by zero
+            else:
+                image = ScaleIntensityRange(lo, hi, 0.0, 1.0, clip=True, dtype=torch.float32)(image)
+            if isinstance(image, MetaTensor):
+                image.meta["intensity_window"] = (lo, hi)  # read_case records it in Case.meta
+            d[key] = image
+        return d
+
+
+class ToRGBd(MapTransform):
+    """(C, ...) -> (3, ...): grey repeated (MONAI ``RepeatChannel``), grey + alpha -> grey, RGB(A) -> RGB."""
 
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
             image = d[key]
-            array = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-            if array.ndim == 4 and array.shape[-1] == 1:  # (C, X, Y, 1): a 2-D image stored as 3-D
-                array = array[..., 0]
-            if array.ndim not in (3, 4):
-                raise ValueError(f"expected a channel-first 2-D image or 3-D volume, got shape {array.shape}")
-            scaled, _ = scale_intensity(array)  # a volume: one window for the whole volume, as read_case
-            rgb = to_rgb(scaled, str(getattr(image, "meta", {}).get("filename_or_obj", key)))
-            if array.ndim == 4:  # the training pool stores volume slices as 8-bit (read_case, then pool.to_uint8)
-                rgb = np.rint(rgb * np.float32(255.0)) / np.float32(255.0)
-            rgb = torch.as_tensor(np.ascontiguousarray(rgb, dtype=np.float32))
-            if isinstance(image, MetaTensor):
-                meta = dict(image.meta)
-                if "spatial_shape" in meta:  # keep the writer's idea of the image size in step with a squeeze
-                    meta["spatial_shape"] = np.asarray(array.shape[1:])
-                d[key] = MetaTensor(rgb, meta=meta)
-            else:
-                d[key] = rgb
+            channels = image.shape[0]
+            if channels not in (1, 2, 3, 4):
+                name = getattr(image, "meta", {}).get("filename_or_obj", key)
+                raise ValueError(f"{name}: unsupported number of channels {channels} (expected 1, 2, 3 or 4)")
+            d[key] = RepeatChannel(3)(image[:1]) if channels <= 2 else image[:3]
+        return d
+
+
+def intensity_to_rgb(keys: KeysCollection, allow_missing_keys: bool = False) -> Compose:
+    """The one intensity rule of the bundle, as a MONAI ``Compose``: channel-first image of any dtype -> 3-channel
+    float32 in [0, 1]. The training pool (``image_io.read_case``) and ``configs/inference.json`` (through
+    :class:`IntensityToRGBd`) both run it, so a model sees the same numbers in training and inference."""
+    return Compose([ScaleIntensityWindowd(keys, allow_missing_keys), ToRGBd(keys, allow_missing_keys)])
+
+
+class IntensityToRGBd(MapTransform):
+    """:func:`intensity_to_rgb` as inference.json's step: a 2-D image stored as ``(C, X, Y, 1)`` loses its singleton
+    axis first, and a volume ``(C, X, Y, Z)`` (windowed as a whole) is rounded to 8-bit levels, as the training pool
+    stores volume slices (``pool.to_uint8``) and the Deploy app hands their slices over."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.intensity = intensity_to_rgb(keys, allow_missing_keys)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key] if isinstance(d[key], torch.Tensor) else torch.as_tensor(np.asarray(d[key]))
+            if image.ndim == 4 and image.shape[-1] == 1:  # (C, X, Y, 1): a 2-D image stored as 3-D
+                image = image[..., 0]
+                if isinstance(image, MetaTensor) and "spatial_shape" in image.meta:  # the writer's idea of the size
+                    image.meta["spatial_shape"] = np.asarray(image.shape[1:])
+            if image.ndim not in (3, 4):
+                raise ValueError(f"expected a channel-first 2-D image or 3-D volume, got shape {tuple(image.shape)}")
+            rgb = self.intensity({key: image})[key]
+            if image.ndim == 4:  # the training pool stores volume slices as 8-bit (read_case, then pool.to_uint8)
+                rgb = torch.round(rgb * 255.0) / 255.0
+            d[key] = rgb
         return d
 
 

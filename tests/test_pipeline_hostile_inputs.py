@@ -11,8 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
+from conftest import chain, run_medsmile
 from PIL import Image
-from test_bundle_e2e import chain, run_medsmile
 from test_image_io import write_dicom
 
 BAD = {"zero.png", "truncated.jpg", "nan.nii.gz", "fourd.nii.gz", "nopixels.dcm"}
@@ -35,6 +35,7 @@ def add_hostile_files(folder) -> None:
     tifffile.imwrite(folder / "float.tif", rng.normal(size=(36, 28)).astype(np.float32))
 
 
+@pytest.mark.slow
 def test_skip_bad_inputs_lists_them_and_keeps_going(tiny_encoder, png_dataset, tmp_path):
     folder = png_dataset["root"] / "images"
     add_hostile_files(folder)
@@ -89,6 +90,7 @@ def test_datalist_entry_outside_the_dataset_is_refused(tiny_encoder, png_dataset
     assert "points outside the dataset folder" in chain(err.value) and "ref.png" in chain(err.value)
 
 
+@pytest.mark.slow
 def test_same_file_name_in_two_folders_gives_two_outputs(tiny_encoder, png_dataset, tmp_path):
     folder = png_dataset["root"] / "images"
     for sub in ("a", "b"):
@@ -104,6 +106,7 @@ def test_same_file_name_in_two_folders_gives_two_outputs(tiny_encoder, png_datas
     assert (labels / "a" / "same.png").is_file() and (labels / "b" / "same.png").is_file()
 
 
+@pytest.mark.slow
 def test_dicom_patient_identifiers_never_leave_the_input(tiny_encoder, png_dataset, tmp_path, caplog):
     import pydicom
 

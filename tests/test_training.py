@@ -56,6 +56,7 @@ def test_unknown_augmentation_is_refused(tmp_path):
         MedSMILEPipeline(output_dir=str(tmp_path), model_path=str(tmp_path / "m.pt"), augmentation="heavy")
 
 
+@pytest.mark.slow
 def test_the_bundle_trains_its_rounds_with_the_chosen_augmentation(tiny_encoder, png_dataset, tmp_path, monkeypatch):
     used = []
 

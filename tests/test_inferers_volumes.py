@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from test_model_export import run_inference
+from test_model_files import run_inference
 
 
 class BrightProbe(torch.nn.Module):

@@ -31,6 +31,7 @@ def fake_data_root(root, n_train=6, n_test=2):
     return root
 
 
+@pytest.mark.slow
 def test_benchmark_smoke_profile_writes_its_table(tiny_encoder, tmp_path, monkeypatch):
     fake_data_root(tmp_path / "data")
     results = tmp_path / "results"
@@ -74,6 +75,7 @@ def test_benchmark_smoke_profile_writes_its_table(tiny_encoder, tmp_path, monkey
     assert "| busi | " in (out / "flip_inference_busi.md").read_text()
 
 
+@pytest.mark.slow
 def test_an_interrupted_benchmark_keeps_the_seeds_it_finished(tiny_encoder, tmp_path, monkeypatch):
     data_root = fake_data_root(tmp_path / "data")
     results = tmp_path / "results"
@@ -123,6 +125,7 @@ def test_an_interrupted_benchmark_keeps_the_seeds_it_finished(tiny_encoder, tmp_
     assert paper.read_seed_record(str(out / "busi" / "seed0" / "record.json"), other) is None
 
 
+@pytest.mark.slow
 def test_a_killed_benchmark_stops_the_run_it_waits_for():
     script = (
         "from benchmarks.paper import stop_runs_on_sigterm; import subprocess; stop_runs_on_sigterm(); "
@@ -140,6 +143,7 @@ def test_a_killed_benchmark_stops_the_run_it_waits_for():
     assert not os.path.exists(f"/proc/{run_pid}"), "the run outlived the benchmark"
 
 
+@pytest.mark.slow
 def test_one_round_ablation_is_scored_from_the_medsmile_network(tiny_encoder, tmp_path):
     """The no-KNN row reuses the medsmile run: with refine off (the default) it is that run; with refine on and one
     round it is the same network (the replay test below covers that case)."""
@@ -166,6 +170,7 @@ def test_one_round_ablation_is_scored_from_the_medsmile_network(tiny_encoder, tm
     assert "Labelled reference (suggested)" in (out / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_refinement_replay_reproduces_the_round_it_replays(tiny_encoder, tmp_path):
     """Replayed with the run's own q and K, the refinement gives the pool Dice the round wrote; q = 1 gives the
     unrefined labels the one-round no-KNN row scores."""
@@ -232,7 +237,9 @@ def test_round0_test_scores_with_the_probe_the_run_saved(tiny_encoder, tmp_path)
         "flip_average": False,
         "round0_classifier": "linear_probe",
     }
-    truths = [read_label(paper.mask_path(str(data_root), "busi", stem)) for stem in split["tests"]["busi"]]
+    truths = [
+        read_label(paper.mask_path(str(data_root), "busi", stem), num_classes=2) for stem in split["tests"]["busi"]
+    ]
     expected = summarize([segmentation_scores(np.ones_like(t), t, 2) for t in truths], 2)["mean_dice"]
     (tmp_path / "run" / "round_0").mkdir(parents=True)
     for bias, dice in (([0.0, 50.0], expected), ([50.0, 0.0], 0.0)):  # a probe that calls every pixel lesion / none

@@ -6,6 +6,7 @@ import pytest
 from conftest import TINY_OVERRIDES
 
 
+@pytest.mark.slow
 def test_round_trains_on_the_pool_plus_repeated_references(tiny_encoder, png_dataset, tmp_path):
     from scripts.pipeline import MedSMILEPipeline
 

@@ -25,3 +25,17 @@ def test_pyramid_state_dict_keys_are_unchanged(tiny_encoder):
     assert keys == ["up4.0.weight", "up4.0.bias", "up4.1.weight", "up4.1.bias", "up4.3.weight", "up4.3.bias"]
     norm = net.mask2former.model.pixel_level_module.encoder.up4[1]
     assert isinstance(norm, GroupNorm1) and norm.num_groups == 1 and norm.weight.shape == (32,)
+
+
+def test_imagenet_normalize_by_hand_and_the_network_uses_it(tiny_encoder):
+    from scripts.network import imagenet_normalize
+
+    x = torch.tensor([0.485, 0.456, 0.406, 1.0, 0.0, 0.5], dtype=torch.float64).view(2, 3, 1, 1)
+    expected = [0.0, 0.0, 0.0, (1 - 0.485) / 0.229, (0 - 0.456) / 0.224, (0.5 - 0.406) / 0.225]
+    out = imagenet_normalize(x)
+    assert out.dtype == torch.float64  # statistics follow the images' dtype, as features.py had them
+    torch.testing.assert_close(out.flatten(), torch.tensor(expected, dtype=torch.float64))
+    net = Mask2FormerDinov2(2, tiny_encoder, hidden_dim=32, num_queries=4, decoder_layers=1, pixel_decoder_layers=1)
+    images = torch.rand(1, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(net.backbone_tokens(images), net.pyramid.tokens(imagenet_normalize(images)))
+    assert not torch.allclose(net.backbone_tokens(images), net.pyramid.tokens(images))  # it does normalise

@@ -70,6 +70,7 @@ def test_set_loss_targets_take_the_network_probability_at_ignored_pixels():
     assert masks[0][:, 1, 0].tolist() == [0.0, 0.0]
 
 
+@pytest.mark.slow
 def test_run_saves_ignored_pixels_and_resume_reads_them(tiny_encoder, png_dataset, tmp_path):
     from scripts.pipeline import MedSMILEPipeline
     from scripts.pool import ImagePool, pool_sources

@@ -16,10 +16,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE_ROOT, TINY_OVERRIDES
+from conftest import BUNDLE_ROOT, CONFIGS, TINY_OVERRIDES, chain, run_medsmile
 from monai.bundle import run
 from PIL import Image
-from test_bundle_e2e import CONFIGS, chain, run_medsmile
 from test_image_io import write_dicom
 
 from scripts import image_io
@@ -64,6 +63,7 @@ def test_eight_pixel_side_is_accepted(tmp_path):
     assert len(pool) == 1 and pool.items[0].native_shape == (400, 8)
 
 
+@pytest.mark.slow
 def test_tiny_images_in_the_pool_are_skipped_by_the_whole_run(tiny_encoder, png_dataset, tmp_path):
     write_png(png_dataset["root"] / "images" / "one.png", 1, 1)
     write_png(png_dataset["root"] / "images" / "strip.png", 1, 100)  # width 100, height 1
@@ -124,6 +124,7 @@ def tiny_args(encoder: str, out, **extra) -> list[str]:
     return [x for k, v in options.items() for x in (f"--{k}", str(v))]
 
 
+@pytest.mark.slow
 def test_bad_option_ends_the_output_with_one_line_after_the_debug_traceback(tiny_encoder, tmp_path):
     debug = bundle_command(*tiny_args(tiny_encoder, tmp_path, batch_size=0, log_level="DEBUG"))
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "Failed to instantiate" in debug.stderr
@@ -131,6 +132,7 @@ def test_bad_option_ends_the_output_with_one_line_after_the_debug_traceback(tiny
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_bad_input_ends_the_output_with_its_name_and_the_fix(tiny_encoder, png_dataset, tmp_path):
     (png_dataset["root"] / "images" / "empty.png").write_bytes(b"")
     inputs = {k: png_dataset[k] for k in ("dataset_dir", "reference_image", "reference_label")}
@@ -201,6 +203,7 @@ def test_cuda_without_a_gpu_says_so(tmp_path, monkeypatch):
         MedSMILEPipeline(output_dir=str(tmp_path), model_path="m.pt", device="gpu")
 
 
+@pytest.mark.slow
 def test_an_unfinished_run_does_not_refuse_the_corrected_command(tiny_encoder, png_dataset, tmp_path, monkeypatch):
     def fail(self, *args):
         raise RuntimeError("stopped in round 0")
@@ -216,6 +219,7 @@ def test_an_unfinished_run_does_not_refuse_the_corrected_command(tiny_encoder, p
 
 
 # ------------------------------------------------------------------------------- 5. retry with --skip_bad_inputs
+@pytest.mark.slow
 def test_skip_bad_inputs_may_be_added_on_retry(tiny_encoder, png_dataset, tmp_path):
     inputs = png_dataset["inputs"]
     run_medsmile(tiny_encoder, tmp_path, **inputs, num_rounds=1)
@@ -289,6 +293,7 @@ def test_a_copied_reference_leaves_the_pool(png_dataset, caplog):
     assert f"{copy} has the same content as the reference {png_dataset['reference_image']}" in caplog.text
 
 
+@pytest.mark.slow
 def test_wall_time_counts_an_invocation_that_stopped(tiny_encoder, png_dataset, tmp_path, monkeypatch):
     original = MedSMILEPipeline._round
 
@@ -310,6 +315,7 @@ def test_wall_time_counts_an_invocation_that_stopped(tiny_encoder, png_dataset, 
 
 
 # ------------------------------------------------------------------- a failing attempt never touches a finished run
+@pytest.mark.slow
 def test_failing_attempts_leave_a_finished_run_byte_identical(tiny_encoder, png_dataset, tmp_path, monkeypatch):
     inputs = png_dataset["inputs"]
     run_medsmile(tiny_encoder, tmp_path, **inputs, num_rounds=1)
@@ -336,6 +342,7 @@ def test_failing_attempts_leave_a_finished_run_byte_identical(tiny_encoder, png_
 
 
 # ------------------------------------------------------------------------------ 7. check scripts need no pytest
+@pytest.mark.slow
 def test_monailabel_check_runs_without_pytest_or_the_tests(tmp_path):
     code = (
         "import sys; sys.modules['pytest'] = None; sys.path.insert(0, 'benchmarks'); import monailabel_check as m; "

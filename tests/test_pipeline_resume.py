@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import BUNDLE_ROOT, TINY_OVERRIDES
 
 TIMEOUT_S = 240
@@ -38,6 +39,7 @@ def label_bytes(run_dir, r):
     return {p.name: p.read_bytes() for p in sorted(labels.iterdir())}
 
 
+@pytest.mark.slow
 def test_sigkill_mid_round_2_then_resume_matches_uninterrupted(tiny_encoder, png_dataset, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     straight = tmp_path / "straight"

@@ -44,6 +44,7 @@ def run_inference(models_dir, dataset_dir, out, **overrides):
     )
 
 
+@pytest.mark.slow
 def test_model_records_its_size_and_runs_keep_their_models(tiny_encoder, png_dataset, tmp_path, caplog):
     models = tmp_path / "models"
     summary_a = train(tiny_encoder, png_dataset, tmp_path / "run_a", models, image_size=70)

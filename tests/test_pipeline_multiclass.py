@@ -51,12 +51,13 @@ def monailabel_constants(monkeypatch):
     return module.TrainedModelConstants
 
 
+@pytest.mark.slow
 def test_three_classes_end_to_end(tiny_encoder, tmp_path, monkeypatch):
     pytest.importorskip("monai.deploy", reason="MONAI Deploy App SDK not installed (pip install -e '.[deploy]')")
     pytest.importorskip("highdicom")
-    from test_bundle_e2e import run_medsmile
+    from conftest import run_medsmile
     from test_deploy_app import disc, make_bundle, read_seg, run_app, write_series
-    from test_model_export import run_inference
+    from test_model_files import run_inference
 
     from scripts.demo_data import make_demo_data
 

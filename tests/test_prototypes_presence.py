@@ -110,12 +110,13 @@ def disc_volume(rng: np.random.Generator, size: int, slices: int, present: set[i
     return volume.astype(np.int16), mask
 
 
+@pytest.mark.slow
 def test_a_volume_comes_back_empty_on_the_slices_without_the_structure(tiny_encoder, tmp_path):
     """NIfTI in, NIfTI out: round 0 with ``presence_threshold`` labels every slice without the disc all background
     and keeps foreground on the slices that show it; the written labels keep the volume's geometry. The plain
     argmax (off) labels the smaller look-alike spot of the other slices foreground."""
     import nibabel as nib
-    from test_bundle_e2e import run_medsmile
+    from conftest import run_medsmile
 
     rng = np.random.default_rng(0)
     affine = np.diag([0.7, 0.7, 3.0, 1.0])
@@ -175,9 +176,10 @@ def test_small_reference_warning_names_the_fraction_and_k_shot():
     assert "class 2 covers 0.25%" in small_reference_warning([three], 3)
 
 
+@pytest.mark.slow
 def test_pipeline_warns_about_a_small_reference(tiny_encoder, png_dataset, tmp_path, caplog):
+    from conftest import run_medsmile
     from PIL import Image
-    from test_bundle_e2e import run_medsmile
 
     mask = np.zeros((48, 64), dtype=np.uint8)
     mask[20:22, 30:32] = 255  # 4 of 3072 pixels
