@@ -26,7 +26,18 @@ from benchmarks.suggest_final import scores
 from scripts.pipeline import ADDED_OPTIONS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IGNORED_KEYS = ("hyperparameter_notes", "seed", "pipeline", "output_dir", "model_path")
+IGNORED_KEYS = (
+    "hyperparameter_notes",
+    "seed",
+    "pipeline",
+    "output_dir",
+    "model_path",
+    "imports",
+    "logging",
+    "run",
+    "suggest",
+    "report",
+)
 
 
 def load_variant(folder: str, dataset: str) -> dict:
