@@ -186,6 +186,7 @@ def test_finished_run_is_never_overwritten(tiny_encoder, png_dataset, tmp_path):
 @pytest.mark.slow
 def test_run_recorded_before_an_option_existed_still_resumes(tiny_encoder, png_dataset, tmp_path):
     common = {k: png_dataset[k] for k in ("dataset_dir", "reference_image", "reference_label")}
+    common["round_training"] = "pseudo_labels"  # the round every option here was added to
     run_medsmile(tiny_encoder, tmp_path, num_rounds=1, **common)
     record_file = tmp_path / "run" / "run_config.json"
     record = json.loads(record_file.read_text())
@@ -376,6 +377,7 @@ def test_k_shot_references_leave_the_pool_and_keep_their_true_labels(tiny_encode
         dataset_dir=data["dataset_dir"],
         reference_image=[data["reference_image"], os.path.join(data["dataset_dir"], "img_extra.png")],
         reference_label=[data["reference_label"], str(data["root"] / "labels" / "img_extra_mask.png")],
+        round_training="pseudo_labels",  # the round that adds the references to its items (consistency: every batch)
     )
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["pool"]["images"] == 6

@@ -11,6 +11,7 @@ def test_round_trains_on_the_pool_plus_repeated_references(tiny_encoder, png_dat
     from scripts.pipeline import MedSMILEPipeline
 
     args = {**TINY_OVERRIDES, "num_rounds": 1, "reference_repeats": 3, "export_torchscript": False}
+    args["round_training"] = "pseudo_labels"  # repeats are items of the paper's round (consistency: every batch)
     MedSMILEPipeline(
         output_dir=str(tmp_path / "run"), model_path=str(tmp_path / "model.pt"), encoder_weights=tiny_encoder,
         **png_dataset["inputs"], **args,

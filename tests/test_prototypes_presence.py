@@ -132,6 +132,7 @@ def test_a_volume_comes_back_empty_on_the_slices_without_the_structure(tiny_enco
         "dataset_dir": str(tmp_path / "data"),
         "reference_image": str(tmp_path / "ref" / "ref.nii.gz"),
         "reference_label": str(tmp_path / "ref" / "ref_label.nii.gz"),
+        "round_training": "pseudo_labels",  # trained_on counts the references among the items
     }
     found = {}
     for name, threshold, rounds in (("argmax", "null", 0), ("absence", 0.99, 1)):

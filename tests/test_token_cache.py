@@ -110,6 +110,7 @@ def _round1_probabilities(png_dataset, tiny_encoder, tmp_path, cached: bool) -> 
         **png_dataset["inputs"],
         **{**TINY_OVERRIDES, "num_rounds": 1, "min_iterations": 12, "head_learning_rate": 5e-3},
         cache_backbone_tokens=cached,
+        round_training="pseudo_labels",  # the round that also runs without the cache
         backbone_bf16=False,
         export_torchscript=False,
         pool_store="memory",

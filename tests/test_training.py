@@ -66,6 +66,7 @@ def test_the_bundle_trains_its_rounds_with_the_chosen_augmentation(tiny_encoder,
 
     monkeypatch.setattr(scripts.training, "training_transform", spy)
     args = {**TINY_OVERRIDES, "num_rounds": 1, "augmentation": "strong", "export_torchscript": False}
+    args["round_training"] = "pseudo_labels"  # the strong augmentation needs the paper's round
     MedSMILEPipeline(
         output_dir=str(tmp_path / "run"), model_path=str(tmp_path / "model.pt"), encoder_weights=tiny_encoder,
         **png_dataset["inputs"], **args,

@@ -220,8 +220,9 @@ def check_consistency_options(cfg: dict) -> None:
         flags = {k: cfg[k] for k in ("freeze_backbone", "cache_backbone_tokens")}
         if not all(flags.values()) or cfg["augmentation"] != "flips":
             raise ValueError(
-                "round_training='consistency' trains on cached backbone tokens: it needs freeze_backbone=true, "
-                f"cache_backbone_tokens=true and augmentation='flips' (got {flags}, augmentation={cfg['augmentation']!r})"
+                "round_training='consistency' (the default) trains on cached backbone tokens: it needs "
+                "freeze_backbone=true, cache_backbone_tokens=true and augmentation='flips' "
+                f"(got {flags}, augmentation={cfg['augmentation']!r}); --round_training pseudo_labels trains without them"
             )
 
 
