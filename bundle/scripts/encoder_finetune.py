@@ -310,7 +310,7 @@ class _RunRecord:
 
 
 def _checkpoints(checkpoint_dir: str) -> list[tuple[int, str]]:
-    """(epoch, path) of the epoch checkpoints written by :func:`finetune_encoder` in ``checkpoint_dir``, newest first."""
+    """(epoch, path) of the epoch checkpoints :func:`finetune_encoder` wrote in ``checkpoint_dir``, newest first."""
     if not os.path.isdir(checkpoint_dir):
         return []
     found = []

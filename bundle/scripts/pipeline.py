@@ -222,7 +222,8 @@ def check_consistency_options(cfg: dict) -> None:
             raise ValueError(
                 "round_training='consistency' (the default) trains on cached backbone tokens: it needs "
                 "freeze_backbone=true, cache_backbone_tokens=true and augmentation='flips' "
-                f"(got {flags}, augmentation={cfg['augmentation']!r}); --round_training pseudo_labels trains without them"
+                f"(got {flags}, augmentation={cfg['augmentation']!r}); "
+                "--round_training pseudo_labels trains without them"
             )
 
 

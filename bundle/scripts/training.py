@@ -186,8 +186,8 @@ def train_round(
     ``lr_scheduler``: config parts that replace AdamW (``build_optimizer``) and the cosine schedule (called with the
     optimizer and the round's iteration count, ``SCHEDULE_LENGTH_ARGS``), stepped per iteration. ``handlers``: more
     train handlers (medsmile.json's ``train_handlers``: loss logging) attached after the ones the round needs
-    (schedule, clipping, epoch checkpoints). ``freeze_backbone`` keeps the pretrained DINOv2 fixed and trains the feature pyramid
-    and Mask2Former only: half the CPU time per step (no backward through the ViT) and no drift of the features
+    (schedule, clipping, epoch checkpoints). ``freeze_backbone`` keeps the pretrained DINOv2 fixed and trains the
+    feature pyramid and Mask2Former only: half the CPU time per step (no backward through the ViT) and no drift of the features
     towards the noise of the pseudo-labels. ``learning_rate`` is the backbone's, ``head_learning_rate`` the rest's
     (see ``build_optimizer``). ``bootstrap_targets`` mixes the network's own prediction into the targets (losses.py).
     ``token_views``: the items' images are cached token views of a frozen backbone (token_cache.py), so each step
