@@ -39,3 +39,30 @@ def test_imagenet_normalize_by_hand_and_the_network_uses_it(tiny_encoder):
     images = torch.rand(1, 3, 28, 28, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(net.backbone_tokens(images), net.pyramid.tokens(imagenet_normalize(images)))
     assert not torch.allclose(net.backbone_tokens(images), net.pyramid.tokens(images))  # it does normalise
+
+
+def test_backbone_bf16_runs_only_gradient_free_untraced_forwards(tiny_encoder, tmp_path):
+    """inference.json's ``backbone_bf16``: network_from_file sets it; a no-grad forward then runs the backbone in bf16
+    (close to float32) and the head in float32, while training and tracing (model.ts) stay float32, bit for bit."""
+    import json
+
+    from scripts.network import bf16_supported, network_from_file
+
+    spec = {"num_classes": 2, "encoder_config": tiny_encoder, "hidden_dim": 32, "num_queries": 4}
+    spec.update(decoder_layers=1, pixel_decoder_layers=1)
+    (tmp_path / "network.json").write_text(json.dumps(spec))
+    torch.manual_seed(0)
+    plain = network_from_file(tmp_path / "network.json").eval()
+    fast = network_from_file(tmp_path / "network.json", backbone_bf16=True).eval()
+    fast.load_state_dict(plain.state_dict())
+    assert (plain.backbone_bf16, fast.backbone_bf16) == (False, True)
+    images = torch.rand(2, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = plain(images), fast(images)
+    assert got.dtype == torch.float32 and got.shape == expected.shape == (2, 2, 28, 28)
+    assert (got.exp() - expected.exp()).abs().max() < 2e-2
+    assert torch.equal(got, expected) != bf16_supported("cpu")  # bf16 ran exactly where the CPU has it
+    torch.testing.assert_close(fast(images), plain(images), rtol=0, atol=0)  # with gradients: float32
+    with torch.no_grad():
+        traced = torch.jit.trace(fast, images)
+        torch.testing.assert_close(traced(images), expected, rtol=0, atol=0)  # model.ts is traced in float32

@@ -170,3 +170,19 @@ def test_round0_benchmark_runs_on_a_generated_data_root(tiny_encoder, tmp_path):
     assert 0 <= r["suggestions"]["suggest"]["percentile"] <= 100
     table = (tmp_path / "results" / "suggest_round0.md").read_text()
     assert "| busi | 7 / 6 |" in table and "Command: `" in table
+
+
+def test_bf16_suggestion_scores_stay_close_to_float32_and_are_recorded(tiny_encoder, png_dataset, tmp_path):
+    from scripts.network import bf16_supported
+
+    kwargs = {"dataset_dir": png_dataset["dataset_dir"], "encoder_weights": tiny_encoder, "feature_image_size": 56}
+    kwargs.update(num_suggestions=2, num_clusters=3, preview_tile_size=16)
+    rankings = {}
+    for bf16 in (False, True):
+        path = suggest_references(output_dir=str(tmp_path / str(bf16)), backbone_bf16=bf16, **kwargs)
+        rankings[bf16] = {r["image"]: r["score"] for r in read_ranking(path)}
+        with open(tmp_path / str(bf16) / SUGGESTIONS_DIR / "summary.json") as f:
+            active = json.load(f)["settings"]["backbone_bf16_active"]
+        assert active == (bf16 and bf16_supported("cpu"))
+    assert rankings[True].keys() == rankings[False].keys()
+    assert max(abs(rankings[True][k] - rankings[False][k]) for k in rankings[True]) < 0.1

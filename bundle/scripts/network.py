@@ -214,6 +214,8 @@ class Mask2FormerDinov2(nn.Module):
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
 
+    backbone_bf16 = False  # set by network_from_file for inference; not a constructor argument, not in network.json
+
     @property
     def backbone(self) -> nn.Module:
         return self.mask2former.model.pixel_level_module.encoder.backbone
@@ -245,8 +247,14 @@ class Mask2FormerDinov2(nn.Module):
 
     def forward(self, x: torch.Tensor, with_queries: bool = False):
         """Log-probabilities (B, C, H, W); ``with_queries`` also returns Mask2Former's per-query outputs of the same
-        pass (with the auxiliary layers), which its set loss reads (losses.py), as ``(log_probs, outputs)``."""
+        pass (with the auxiliary layers), which its set loss reads (losses.py), as ``(log_probs, outputs)``.
+
+        With ``backbone_bf16`` set (inference.json, evaluate.json) a forward that computes no gradient runs the
+        backbone under bf16 autocast where the device supports it and the head in float32; training and TorchScript
+        tracing (model.ts stays float32, portable) keep float32 throughout."""
         self._check_size(*x.shape[-2:])
+        if self.backbone_bf16 and not torch.is_grad_enabled() and not torch.jit.is_tracing():
+            return self._segment(self.backbone_tokens(x, bf16=True), x.shape[-2:], with_queries)
         return self._segment(imagenet_normalize(x, self.mean, self.std), x.shape[-2:], with_queries)
 
     def forward_tokens(self, grid: torch.Tensor, with_queries: bool = False):
@@ -292,10 +300,11 @@ def _mask2former_config(**kwargs) -> Mask2FormerConfig:
         logger.setLevel(level)
 
 
-def network_from_file(path: str | os.PathLike) -> Mask2FormerDinov2:
+def network_from_file(path: str | os.PathLike, backbone_bf16: bool = False) -> Mask2FormerDinov2:
     """The network a run trained, rebuilt from the ``models/network.json`` it wrote (architecture only; load
     ``models/model.pt`` into it). Used by ``network_def`` in inference.json and evaluate.json. The keys that describe
     the model rather than build it (``scripts.model_files.RECORD_KEYS``: training size, class names, run) are left out.
+    ``backbone_bf16``: its gradient-free forwards run the backbone under bf16 autocast where supported (``forward``).
     """
     from .model_files import RECORD_KEYS
 
@@ -305,6 +314,9 @@ def network_from_file(path: str | os.PathLike) -> Mask2FormerDinov2:
     spec.setdefault("feature_pyramid", "upsample_first")  # network.json of bundles before 0.4.0
     target = spec.pop("_target_", None)  # a subclass that the run's network_def named
     if target is None:
-        return Mask2FormerDinov2(**spec)
-    module, _, name = target.rpartition(".")
-    return getattr(importlib.import_module(module), name)(**spec)
+        network = Mask2FormerDinov2(**spec)
+    else:
+        module, _, name = target.rpartition(".")
+        network = getattr(importlib.import_module(module), name)(**spec)
+    network.backbone_bf16 = bool(backbone_bf16)
+    return network

@@ -48,6 +48,7 @@ from .atomic_files import atomic_path, write_json_atomic
 from .demo_data import make_demo_data
 from .encoder import load_dinov2, resolve_encoder
 from .features import dinov2_features
+from .network import bf16_supported
 from .pool import ImagePool, pool_sources
 from .prototypes import SMALL_REFERENCE_FRACTION
 
@@ -82,16 +83,18 @@ def pool_descriptors(
     batch_size: int = 4,
     device: str | torch.device = "cpu",
     patch_stride: int = 2,
+    bf16: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Global features (N, D) float32 and strided patch tokens (N, T, D) float16 of uint8 images (N, 3, F, F).
 
-    Streams the encoder in batches; the full patch grids are never held for the whole pool.
+    Streams the encoder in batches; the full patch grids are never held for the whole pool. ``bf16`` as in
+    ``features.dinov2_features``.
     """
     globals_, tokens = None, None
     n = len(feature_images)
     for start in range(0, n, batch_size):
         batch = feature_images[start : start + batch_size].float().div(255).to(device)
-        patch, glob = dinov2_features(encoder, batch)
+        patch, glob = dinov2_features(encoder, batch, bf16=bf16)
         tok = strided_tokens(patch, patch_stride).cpu().numpy().astype(np.float16)
         if globals_ is None:
             globals_ = np.empty((n, glob.shape[1]), dtype=np.float32)
@@ -277,12 +280,14 @@ def suggest_references(
     preview_tile_size: int = 128,
     seed: int = 0,
     demo_images: int = 24,
+    backbone_bf16: bool = True,
 ) -> str:
     """Rank the unlabelled pool by how good each image would be as the single labelled reference.
 
     Writes ``output_dir/suggestions/ranking.csv`` (every image, best first), ``preview.png`` (the top
     ``num_suggestions``) and ``summary.json``; returns the path of the CSV. With neither ``dataset_dir`` nor
     ``datalist`` it ranks the generated demo pool that the pipeline would use (``output_dir/demo_data``).
+    ``backbone_bf16``: the encoder runs under bf16 autocast where the device supports it, as for round 0.
     """
     t0 = time.time()
     if feature_image_size % 14:
@@ -306,7 +311,9 @@ def suggest_references(
     source = resolve_encoder(encoder_weights, encoder_cache_dir)
     encoder = load_dinov2(source).to(device).eval()
     t_load = time.time() - t0
-    globals_, tokens = pool_descriptors(encoder, pool.feature_images, batch_size, device, patch_stride)
+    globals_, tokens = pool_descriptors(
+        encoder, pool.feature_images, batch_size, device, patch_stride, bf16=backbone_bf16
+    )
     del encoder
     t_feat = time.time() - t0 - t_load
     scores = score_pool(globals_, tokens, num_clusters, coverage_weight, max_cluster_points, seed)
@@ -328,6 +335,7 @@ def suggest_references(
             "patch_stride": patch_stride,
             "max_cluster_points": max_cluster_points,
             "seed": seed,
+            "backbone_bf16_active": bool(backbone_bf16 and bf16_supported(device)),
         },
         "encoder": source.provenance,
         "timings_s": {"load": t_load, "features": t_feat, "total": time.time() - t0},
