@@ -40,6 +40,7 @@ from scripts.image_io import read_case, read_label
 from scripts.inferers import DEFAULT_FLIPS, FlipAveragingInferer
 from scripts.metrics import EMPTY_PAIR_RULE, presence_summary, segmentation_scores, summarize
 from scripts.network import Mask2FormerDinov2, network_from_file
+from scripts.pipeline import default_parts
 from scripts.pool import resize_image, to_uint8
 from scripts.prototypes import (
     LinearProbe,
@@ -49,7 +50,7 @@ from scripts.prototypes import (
     rotated_views,
     soft_labels,
 )
-from scripts.token_cache import TOKEN_VIEWS, fill_token_views
+from scripts.token_cache import TOKEN_VIEWS, fill_token_views, uncacheable_reason
 from scripts.training import round_epochs, train_round
 
 DATASETS = {
@@ -314,7 +315,10 @@ def supervised_ceiling(cfg: dict, data_root: str, split: dict, out_dir: str) -> 
         mask_loss_points=cfg.get("mask_loss_points", 12544),
     ).to(device)
     t0 = time.time()
-    cached = cfg.get("cache_backbone_tokens", True) and cfg.get("freeze_backbone") and cfg["augmentation"] == "flips"
+    transforms = default_parts(cfg, keys=("train_transforms",))["train_transforms"]
+    cached = (
+        cfg.get("cache_backbone_tokens", True) and cfg.get("freeze_backbone") and not uncacheable_reason(transforms)
+    )
     if cached:  # as the pipeline's rounds: the head trains on the frozen backbone's cached token views
         grid = size // network.patch_size
         views = torch.zeros(len(items), len(TOKEN_VIEWS), network.pyramid.hidden_size, grid, grid, dtype=torch.float16)
@@ -333,7 +337,7 @@ def supervised_ceiling(cfg: dict, data_root: str, split: dict, out_dir: str) -> 
         loss=cfg["loss"],
         freeze_backbone=cfg.get("freeze_backbone", False),
         head_learning_rate=cfg.get("head_learning_rate"),
-        augmentation=cfg.get("augmentation", "flips"),
+        transforms=transforms,
         token_views=cached,
     )
     train_s = time.time() - t0

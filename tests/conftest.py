@@ -36,6 +36,13 @@ def run_medsmile(tiny_encoder: str, out, **overrides) -> dict:
     return args
 
 
+def augmentation_preset(name: str) -> list:
+    """medsmile.json's train_transforms under ``--augmentation name`` (its augmentation_presets entry)."""
+    from scripts.pipeline import default_parts
+
+    return default_parts({"augmentation": name}, keys=("train_transforms",))["train_transforms"]
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder(tmp_path_factory) -> str:
     """A random-init DINOv2 (hidden 32, 2 layers) saved as a Hugging Face folder."""

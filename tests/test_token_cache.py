@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, augmentation_preset
 from monai.utils import set_determinism
 
 from scripts.inferers import FlipAveragingInferer
@@ -67,7 +67,8 @@ def test_token_views_are_the_mirrored_images_tokens(tiny_encoder):
 def test_token_flips_draw_as_the_image_flips_and_mirror_the_label():
     label = torch.arange(16, dtype=torch.uint8).view(1, 4, 4)
     views = torch.arange(4, dtype=torch.float16).view(4, 1, 1, 1).expand(4, 2, 2, 2)
-    image_path, token_path = training_transform("flips"), token_training_transform()
+    flips = augmentation_preset("flips")
+    image_path, token_path = training_transform(flips), token_training_transform(flips)
     seen = set()
     for seed in range(12):
         image_path.set_random_state(seed=seed)

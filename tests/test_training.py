@@ -1,13 +1,13 @@
-"""``augmentation``: the training views keep image and pseudo-label aligned; "strong" moves pixels, "flips" only
-mirrors them; an unknown name is refused."""
+"""``augmentation``: the training views (medsmile.json's presets of train_transforms) keep image and pseudo-label
+aligned; "strong" moves pixels, "flips" only mirrors them; an unknown name is refused."""
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, augmentation_preset
 
 import scripts.training
 from scripts.losses import IGNORE_LABEL
-from scripts.pipeline import MedSMILEPipeline
+from scripts.pipeline import MedSMILEPipeline, describe_part
 from scripts.training import training_items, training_transform
 
 
@@ -26,7 +26,7 @@ def _flips(label):
 
 def test_flips_only_mirror():
     item, label = _item()
-    transform = training_transform("flips")
+    transform = training_transform(augmentation_preset("flips"))
     for seed in range(8):
         transform.set_random_state(seed)
         out = transform(item)
@@ -36,7 +36,7 @@ def test_flips_only_mirror():
 
 def test_strong_moves_pixels_and_keeps_image_and_label_aligned():
     item, label = _item()
-    transform = training_transform("strong")
+    transform = training_transform(augmentation_preset("strong"))
     moved = 0
     for seed in range(8):
         transform.set_random_state(seed)
@@ -60,9 +60,9 @@ def test_unknown_augmentation_is_refused(tmp_path):
 def test_the_bundle_trains_its_rounds_with_the_chosen_augmentation(tiny_encoder, png_dataset, tmp_path, monkeypatch):
     used = []
 
-    def spy(augmentation="flips"):
-        used.append(augmentation)
-        return training_transform(augmentation)
+    def spy(transforms=None):
+        used.append(describe_part(transforms))
+        return training_transform(transforms)
 
     monkeypatch.setattr(scripts.training, "training_transform", spy)
     args = {**TINY_OVERRIDES, "num_rounds": 1, "augmentation": "strong", "export_torchscript": False}
@@ -71,5 +71,5 @@ def test_the_bundle_trains_its_rounds_with_the_chosen_augmentation(tiny_encoder,
         output_dir=str(tmp_path / "run"), model_path=str(tmp_path / "model.pt"), encoder_weights=tiny_encoder,
         **png_dataset["inputs"], **args,
     ).run()  # fmt: skip
-    assert used == ["strong"]
+    assert used == [describe_part(augmentation_preset("strong"))]
     assert (tmp_path / "run" / "round_1" / "round.json").is_file()

@@ -16,9 +16,9 @@ optimizer step on the sum of three streams, all through ONE forward of the stude
   The teacher, an exponential moving average of the student (Ignite's ``EMAHandler``), predicts their weak view
   (cached tokens of a random mirror); pixels whose maximum class probability reaches ``threshold`` become hard
   targets. The student learns them on (a) a strong view: the mirrored image with colour, contrast and grey jitter
-  and blur (MONAI transforms), then CutMix between the pool images of the batch with the targets mixed alike; its
-  pixels changed, so the frozen ViT computes its tokens (no gradient); and (b) the weak view's tokens under channel
-  dropout (UniMatch's feature perturbation).
+  and blur (MONAI transforms, medsmile.json's ``consistency_strong_transforms``), then CutMix between the pool
+  images of the batch with the targets mixed alike; its pixels changed, so the frozen ViT computes its tokens (no
+  gradient); and (b) the weak view's tokens under channel dropout (UniMatch's feature perturbation).
 
 loss = labelled + pseudo_weight x pseudo + consistency_weight x (strong + feature-perturbed) / 2.
 
@@ -41,21 +41,14 @@ from ignite.engine import Engine, Events
 from ignite.handlers import EMAHandler
 from monai.data import Dataset
 from monai.engines.utils import IterationEvents
-from monai.transforms import (
-    Compose,
-    Lambda,
-    RandAdjustContrast,
-    RandGaussianSmooth,
-    RandLambda,
-    RandScaleIntensity,
-    RandShiftIntensity,
-)
+from monai.transforms import Compose, Lambda
 from monai.utils import CommonKeys
 
 from . import distributed
 from .losses import IGNORE_LABEL, Mask2FormerSemanticLoss
 from .pool_store import RowItems
 from .token_cache import TOKEN_VIEWS
+from .training import build_transforms, bundle_default
 
 ROUND_TRAININGS = ("pseudo_labels", "consistency")
 CONSISTENCY_LOSSES = ("round", "cross_entropy")
@@ -115,25 +108,19 @@ def cutmix(
     )
 
 
-def _grey(image: torch.Tensor) -> torch.Tensor:
+def grey(image: torch.Tensor) -> torch.Tensor:
+    """A (3, H, W) image's ITU-R 601 luma in all three channels (the strong view's grey step)."""
     weights = torch.tensor(_GREY, dtype=image.dtype, device=image.device).view(3, 1, 1)
     return (image * weights).sum(0, keepdim=True).expand_as(image)
 
 
-def strong_transform() -> Compose:
-    """The strong view's pixel jitter of one (3, H, W) image in [0, 1] (UniMatch: colour jitter p 0.8, grey p 0.2,
-    blur p 0.5), from MONAI transforms: per-channel intensity scale (colour), contrast (gamma), brightness shift,
-    grey, Gaussian blur with sigma 0.1-2 px."""
-    return Compose(
-        [
-            RandScaleIntensity(factors=0.3, prob=0.8, channel_wise=True),
-            RandAdjustContrast(gamma=(0.6, 1.6), prob=0.8),
-            RandShiftIntensity(offsets=0.15, prob=0.5),
-            RandLambda(func=_grey, prob=0.2),
-            RandGaussianSmooth(sigma_x=(0.1, 2.0), sigma_y=(0.1, 2.0), prob=0.5),
-            Lambda(func=lambda x: torch.as_tensor(x).clamp(0, 1)),
-        ]
-    )
+def strong_transform(transforms=None) -> Compose:
+    """The strong view's pixel jitter of one (3, H, W) image in [0, 1]: ``transforms`` (medsmile.json's
+    ``consistency_strong_transforms``, by default UniMatch's colour jitter p 0.8, grey p 0.2, blur p 0.5 from MONAI
+    transforms: per-channel intensity scale (colour), contrast (gamma), brightness shift, grey, Gaussian blur with sigma
+    0.1-2 px), then clamped to [0, 1]. CutMix follows in ``ConsistencyStep`` (it mixes images of the batch)."""
+    transforms = bundle_default("consistency_strong_transforms") if transforms is None else transforms
+    return Compose([*build_transforms(transforms), Lambda(func=lambda x: torch.as_tensor(x).clamp(0, 1))])
 
 
 def confident_cross_entropy(log_probs: torch.Tensor, target: torch.Tensor, confident: torch.Tensor) -> torch.Tensor:
@@ -180,7 +167,8 @@ class ConsistencyStep:
     the consistency stream's source, ``pool_images`` of them per step (the global count under torchrun: each rank
     takes its share). ``pseudo_weight``, ``consistency_weight``: the stream weights; ``threshold``: the teacher's
     confidence for a target; ``ema_momentum``: the teacher's own share per step; ``feature_dropout``: channel
-    dropout of the feature-perturbed view; ``bf16``: the strong view's ViT under bf16 autocast where supported.
+    dropout of the feature-perturbed view; ``strong_transforms``: the strong view's pixel jitter (``strong_transform``);
+    ``bf16``: the strong view's ViT under bf16 autocast where supported.
     """
 
     def __init__(
@@ -196,6 +184,7 @@ class ConsistencyStep:
         ema_momentum: float = 0.99,
         feature_dropout: float = 0.5,
         loss: str = "round",
+        strong_transforms=None,
         bf16: bool = True,
         num_workers: int = 0,
         seed: int = 0,
@@ -215,7 +204,7 @@ class ConsistencyStep:
         self.loader = distributed.train_loader(
             Dataset(RowItems(pool_tokens)), pool_images_per_step, num_workers, seed=seed + 1
         )
-        self.strong = strong_transform()
+        self.strong = strong_transform(strong_transforms)
         self._unlabelled = None
         self._sums: dict[str, float] = {}
         self.epoch_means: list[dict] = []  # per epoch of this invocation: mean stream losses and confident fraction

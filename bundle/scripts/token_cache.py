@@ -2,16 +2,17 @@
 
 With ``freeze_backbone`` the backbone of every round is the same pretrained (or fine-tuned) DINOv2, so an image's
 tokens never change; recomputing them at each epoch and again at prediction was a quarter to a half of a round's CPU
-time (issue 32). The "flips" augmentation mirrors images, and the tokens of a mirrored image are not the mirrored
-tokens, so each image keeps four token grids, one per mirrored view (``TOKEN_VIEWS``), stored as float16. Training
-draws the mirroring as the image path does and takes the matching view (``token_training_transform``); prediction reads the identity view, or all
-four for flip-averaged predictions (``TokenHead``). Augmentations that change pixels ("strong") still run the ViT.
+time (issue 32). The default training transforms (medsmile.json's ``train_transforms``, the "flips" preset) mirror
+images, and the tokens of a mirrored image are not the mirrored tokens, so each image keeps four token grids, one per
+mirrored view (``TOKEN_VIEWS``), stored as float16. Training draws the mirroring as the image path does and takes the
+matching view (``token_training_transform``); prediction reads the identity view, or all four for flip-averaged
+predictions (``TokenHead``). A list with transforms that change pixels (the "strong" preset) still runs the ViT.
 """
 
 from __future__ import annotations
 
 import torch
-from monai.transforms import Compose, Lambdad, MapTransform, Randomizable
+from monai.transforms import Compose, Lambdad, MapTransform, RandFlipd, Randomizable
 from torch import nn
 
 from .inferers import DEFAULT_FLIPS, mean_of_flipped_views
@@ -75,17 +76,42 @@ class SelectTokenViewd(MapTransform):
         return d
 
 
-def token_training_transform() -> Compose:
-    """The "flips" augmentation of ``training.training_transform`` on cached token views: the same random draws,
-    the label mirrored alike, the image replaced by the matching view."""
-    return Compose(
-        [
-            Lambdad(keys="label", func=lambda x: torch.as_tensor(x).long()),
-            RandTokenFlipd(spatial_axis=0),
-            RandTokenFlipd(spatial_axis=1),
-            SelectTokenViewd(),
-        ]
-    )
+def token_flips(transforms, name: str = "train_transforms") -> list[RandTokenFlipd]:
+    """The ``RandTokenFlipd`` twins of a training-transform list (``training.training_transform``'s argument) made
+    only of ``RandFlipd`` over spatial axis 0 or 1 of both image and label: the same probabilities in the same order,
+    so the same random draws. Any other item changes pixels or flips something else, so it needs the ViT: refused
+    with a ValueError that names it (``name``#index and its class)."""
+    from .training import build_transforms
+
+    flips = []
+    for i, t in enumerate(build_transforms(transforms)):
+        axis = getattr(getattr(t, "flipper", None), "spatial_axis", None)
+        axis = axis[0] if isinstance(axis, (list, tuple)) and len(axis) == 1 else axis
+        if type(t) is not RandFlipd or set(t.keys) != {"image", "label"} or axis not in (0, 1):
+            raise ValueError(
+                f"{name}#{i} ({type(t).__name__}) is not a RandFlipd over spatial axis 0 or 1 of image and label, "
+                "the only transform that cached backbone tokens can replay"
+            )
+        flips.append(RandTokenFlipd(spatial_axis=axis, prob=t.prob))
+    return flips
+
+
+def uncacheable_reason(transforms, name: str = "train_transforms") -> str:
+    """Why ``transforms`` cannot run from cached token views (``token_flips``' refusal), or "" when they can."""
+    try:
+        token_flips(transforms, name)
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
+def token_training_transform(transforms=None) -> Compose:
+    """A training-transform list of flips only (``token_flips``; default: medsmile.json's ``train_transforms``) on
+    cached token views: the same random draws, the label mirrored alike, the image replaced by the matching view."""
+    from .training import bundle_default
+
+    flips = token_flips(bundle_default("train_transforms") if transforms is None else transforms)
+    return Compose([Lambdad(keys="label", func=lambda x: torch.as_tensor(x).long()), *flips, SelectTokenViewd()])
 
 
 class TokenHead(nn.Module):

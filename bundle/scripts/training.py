@@ -22,15 +22,7 @@ from monai.data import Dataset
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import CheckpointLoader, CheckpointSaver, LrScheduleHandler, from_engine
 from monai.inferers import SimpleInferer
-from monai.transforms import (
-    Compose,
-    Lambdad,
-    RandAdjustContrastd,
-    RandAffined,
-    RandFlipd,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-)
+from monai.transforms import Compose, Lambdad
 from monai.utils import set_determinism
 
 from . import distributed
@@ -55,43 +47,39 @@ def training_items(images: torch.Tensor, labels: torch.Tensor, indices=None) -> 
     return RowItems(images, labels, indices)
 
 
+# the presets of medsmile.json's augmentation_presets, which its ``augmentation`` option picks as train_transforms
 AUGMENTATIONS = ("flips", "strong")
 
 
-def training_transform(augmentation: str = "flips") -> Compose:
-    """Augmentation of a round's training items (uint8 image (3, S, S), label (1, S, S)).
+def bundle_default(key: str):
+    """medsmile.json's training part ``key`` with its default options (``pipeline.default_parts``): what callers outside
+    the bundle config (benchmarks, tests) get when they pass none."""
+    from .pipeline import default_parts
 
-    "flips": horizontal and vertical flips only. "strong" adds a random affine map (rotation up to 15 degrees, scale
-    0.8-1.2, shift up to 10 %, reflection padding; the label follows with nearest sampling) and photometric jitter of
-    the image (gamma 0.7-1.5, intensity scale +-20 %, shift +-0.1): a network that sees each noisy pseudo-label
-    under many views has a harder time memorising its errors, and the jitter mimics other scopes and scanners.
-    """
-    if augmentation not in AUGMENTATIONS:
-        raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {augmentation!r}")
-    steps = [
-        Lambdad(keys="image", func=_as_float_image),
-        Lambdad(keys="label", func=lambda x: x.long()),
-        RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
-        RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),
-    ]
-    if augmentation == "strong":
-        steps += [
-            RandAffined(
-                keys=["image", "label"],
-                prob=0.8,
-                rotate_range=math.radians(15),
-                scale_range=0.2,
-                translate_range=0.1,
-                mode=["bilinear", "nearest"],
-                padding_mode="reflection",
-            ),
+    return default_parts({}, keys=(key,))[key]
+
+
+def build_transforms(transforms) -> list:
+    """Fresh transforms from a config list: ``_mode_: "callable"`` partials (medsmile.json's lists) and classes are
+    called, ready transforms are used as they are."""
+    return [t() if isinstance(t, functools.partial) or inspect.isclass(t) else t for t in transforms]
+
+
+def training_transform(transforms=None) -> Compose:
+    """A round's training transform of items (uint8 image (3, S, S), label (1, S, S)): ``transforms`` (medsmile.json's
+    ``train_transforms``, by default its "flips" preset: horizontal and vertical flips) between the fixed steps the
+    network needs: first the image to float in [0, 1] and the label to long; after them the label back to long (an
+    interpolating transform leaves it float) and the image clamped to [0, 1] (intensity jitter may leave it)."""
+    transforms = bundle_default("train_transforms") if transforms is None else transforms
+    return Compose(
+        [
+            Lambdad(keys="image", func=_as_float_image),
             Lambdad(keys="label", func=lambda x: x.long()),
-            RandAdjustContrastd(keys="image", prob=0.5, gamma=(0.7, 1.5)),
-            RandScaleIntensityd(keys="image", prob=0.5, factors=0.2),
-            RandShiftIntensityd(keys="image", prob=0.5, offsets=0.1),
+            *build_transforms(transforms),
+            Lambdad(keys="label", func=lambda x: x.long()),
             Lambdad(keys="image", func=lambda x: x.clamp(0, 1)),
         ]
-    return Compose(steps)
+    )
 
 
 def round_epochs(num_items: int, batch_size: int, epochs: int, min_iterations: int) -> int:
@@ -171,7 +159,7 @@ def train_round(
     seed: int = 0,
     freeze_backbone: bool = False,
     head_learning_rate: float | None = None,
-    augmentation: str = "flips",
+    transforms=None,
     bootstrap_targets: float = 0.0,
     token_views: bool = False,
     consistency=None,
@@ -190,18 +178,19 @@ def train_round(
     feature pyramid and Mask2Former only: half the CPU time per step (no backward through the ViT) and no drift of the features
     towards the noise of the pseudo-labels. ``learning_rate`` is the backbone's, ``head_learning_rate`` the rest's
     (see ``build_optimizer``). ``bootstrap_targets`` mixes the network's own prediction into the targets (losses.py).
+    ``transforms``: the training transforms (medsmile.json's ``train_transforms``, see ``training_transform``).
     ``token_views``: the items' images are cached token views of a frozen backbone (token_cache.py), so each step
-    runs the head only; the "flips" augmentation is then the choice of a mirrored view.
+    runs the head only; ``transforms`` must then be flips only (``token_flips``), each the choice of a mirrored view.
     ``consistency``: a ``consistency.ConsistencyStep`` that runs each iteration instead (``items`` are then its
     pseudo-labelled stream) and whose teacher is checkpointed with the rest.
     Saves a checkpoint every epoch in ``checkpoint_dir`` and resumes from the newest one found there, so a crash
     inside a round costs at most one epoch.
     """
-    if token_views and (augmentation != "flips" or not freeze_backbone):
-        raise ValueError("cached token views need freeze_backbone and the 'flips' augmentation")
+    if token_views and not freeze_backbone:
+        raise ValueError("cached token views need freeze_backbone")
     if consistency is not None and not token_views:
         raise ValueError("consistency round training runs on cached token views (token_views=True)")
-    transform = token_training_transform() if token_views else training_transform(augmentation)
+    transform = token_training_transform(transforms) if token_views else training_transform(transforms)
     loader = distributed.train_loader(Dataset(items, transform=transform), batch_size, num_workers, seed=seed)
     optimizer = build_optimizer(network, learning_rate, head_learning_rate, weight_decay, freeze_backbone, optimizer)
     total_steps = max(1, epochs * len(loader))
