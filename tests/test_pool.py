@@ -1,0 +1,130 @@
+"""The pool loader (scripts/pool.py): what a run's pool arrays hold, pinned byte for byte."""
+
+from __future__ import annotations
+
+import hashlib
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import run_medsmile
+from PIL import Image
+
+from scripts.pool import ImagePool
+
+AFFINE = np.diag([0.8, 0.7, 2.5, 1.0])
+
+
+def write_mixed_pool(folder) -> list[str]:
+    """One input of each kind the pool reads differently: 8-bit RGB, grey, grey + alpha and RGBA PNGs, a 16-bit PNG
+    (percentile window), a float NIfTI volume (window over the whole case), an int16 2-D image stored as
+    3-D (X, Y, 1), and a constant image; odd sizes so that every resize interpolates."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+
+    def png(name, array, mode=None):
+        path = folder / name
+        Image.fromarray(array, mode).save(path)
+        paths.append(str(path))
+
+    png("a_rgb.png", rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    png("b_grey.png", rng.integers(0, 256, (61, 29), dtype=np.uint8))
+    png("c_grey_alpha.png", rng.integers(0, 256, (33, 40, 2), dtype=np.uint8), "LA")
+    png("d_rgba.png", rng.integers(0, 256, (45, 45, 4), dtype=np.uint8))
+    png("e_16bit.png", rng.gamma(2.0, 3000.0, (50, 34)).clip(0, 65535).astype(np.uint16))
+    png("h_constant.png", np.full((20, 24), 77, dtype=np.uint8))
+    volume = rng.normal(100.0, 40.0, (31, 26, 9)).astype(np.float32)
+    volume[3:9, 4:12, 2] = 900.0  # bright spots: the case's window, not the slice's, scales slice 2
+    nib.save(nib.Nifti1Image(volume, AFFINE), folder / "f_volume.nii.gz")
+    flat = rng.integers(-1000, 1500, (27, 39, 1)).astype(np.int16)
+    nib.save(nib.Nifti1Image(flat, AFFINE), folder / "g_flat.nii.gz")
+    return sorted(paths + [str(folder / "f_volume.nii.gz"), str(folder / "g_flat.nii.gz")])
+
+
+def digest(*arrays: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(str(tuple(a.shape)).encode())
+        h.update(np.ascontiguousarray(a.numpy()).tobytes())
+    return h.hexdigest()[:16]
+
+
+# sha256 of the arrays 0.5.0 (before the pool's steps were configuration) loaded from write_mixed_pool's inputs,
+# (feature_images, train_images) per slice axis
+PINNED = {
+    2: ("63dd0171c66ccda2", "40e4de88adbdb101"),
+    1: ("684a2123fb9cfb9a", "c81ddc4aba42f7d6"),
+}
+
+
+@pytest.mark.parametrize("slice_axis", sorted(PINNED))
+def test_default_pool_arrays_are_byte_identical_to_0_5_0(tmp_path, slice_axis):
+    sources = write_mixed_pool(tmp_path / "pool")
+    pool = ImagePool.load(sources, 42, 28, slice_axis=slice_axis, dataset_root=str(tmp_path / "pool"))
+    slices, plane = {2: (9, (31, 26)), 1: (26, (31, 9))}[slice_axis]
+    assert [len(pool.cases), len(pool)] == [8, 7 + slices]
+    assert {pool.items[i].native_shape for i in range(5, 5 + slices)} == {plane}  # the volume's slices
+    assert pool.feature_images.dtype == torch.uint8 and tuple(pool.train_images.shape) == (7 + slices, 3, 28, 28)
+    assert (digest(pool.feature_images[:]), digest(pool.train_images[:])) == PINNED[slice_axis]
+
+
+def run_digests(run_dir) -> dict[str, str]:
+    """sha256 of each label file of rounds 0 and 1, and of round 1's trained weights (which saw the pool's and the
+    references' training-size images)."""
+    out = {
+        f"{r}/{f.name}": hashlib.sha256(f.read_bytes()).hexdigest()[:16]
+        for r in ("round_0", "round_1")
+        for f in sorted((run_dir / r / "labels").iterdir())
+    }
+    state = torch.load(run_dir / "round_1" / "model.pt", weights_only=True)
+    out["round_1/model.pt"] = digest(*(state[k].float() for k in sorted(state)))
+    return out
+
+
+# what tiny runs of 0.5.0 wrote (run_digests): the references go through the pool's steps too, at the feature size
+# (round 0, rotated in the second) and at the training size (the token cache in the first, the images in the second)
+ROUND_1_LABELS = {
+    "round_1/img_0.png": "6eb212d2ce1a3c25",
+    "round_1/img_1.png": "ff5c593d947c62e5",
+    "round_1/img_2.png": "aa16cced4c7230b8",
+    "round_1/img_3.png": "a6bb36bdd208875c",
+    "round_1/img_4.png": "60f5177c44961c52",
+    "round_1/img_5.png": "d3a3cc67ac42ff81",
+}
+PINNED_RUNS = [
+    (
+        {},
+        {
+            "round_0/img_0.png": "59ffbadbfcbd3950",
+            "round_0/img_1.png": "3dcf2b5c302b95b8",
+            "round_0/img_2.png": "554d91a18fff0423",
+            "round_0/img_3.png": "eb7653b27c3bb5cd",
+            "round_0/img_4.png": "1ee7d57735b92baf",
+            "round_0/img_5.png": "7c3a17ac8455c86f",
+            **ROUND_1_LABELS,
+            "round_1/model.pt": "042cd8efb239f1ff",
+        },
+    ),
+    (
+        {"reference_rotations": True, "round_training": "pseudo_labels", "cache_backbone_tokens": False},
+        {
+            "round_0/img_0.png": "58e31001ee2b917c",
+            "round_0/img_1.png": "211eae38cbfdbcdd",
+            "round_0/img_2.png": "70d2f7dfbe4aca7c",
+            "round_0/img_3.png": "9858b20e04d89551",
+            "round_0/img_4.png": "62af38f184e1b069",
+            "round_0/img_5.png": "737b14d2eeb91001",
+            **ROUND_1_LABELS,  # the tiny network predicts background everywhere after one round
+            "round_1/model.pt": "b82f8fb186d1d3f4",
+        },
+    ),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("options", "pinned"), PINNED_RUNS)
+def test_tiny_runs_write_what_0_5_0_wrote(tiny_encoder, png_dataset, tmp_path, options, pinned):
+    run_medsmile(tiny_encoder, tmp_path, num_rounds=1, export_torchscript=False, **png_dataset["inputs"], **options)
+    assert run_digests(tmp_path / "run") == pinned
