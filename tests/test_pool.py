@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import run_medsmile
+from conftest import BUNDLE_ROOT, run_medsmile
+from monai.bundle import ConfigParser
+from monai.transforms import ShiftIntensityd
 from PIL import Image
 
 from scripts.pool import ImagePool
 
+CONFIG = os.path.join(BUNDLE_ROOT, "configs", "medsmile.json")
 AFFINE = np.diag([0.8, 0.7, 2.5, 1.0])
 
 
@@ -128,3 +133,45 @@ PINNED_RUNS = [
 def test_tiny_runs_write_what_0_5_0_wrote(tiny_encoder, png_dataset, tmp_path, options, pinned):
     run_medsmile(tiny_encoder, tmp_path, num_rounds=1, export_torchscript=False, **png_dataset["inputs"], **options)
     assert run_digests(tmp_path / "run") == pinned
+
+
+def parsed_pool_transforms(**overrides) -> list:
+    """medsmile.json's pool_transforms with ``overrides`` (``pool_transforms#1#mode``: ...), as the bundle parses them."""
+    parser = ConfigParser()
+    parser.read_config(CONFIG)
+    parser.update(overrides)
+    return parser.get_parsed_content("pool_transforms")
+
+
+def test_pool_transforms_swapped_in_json_make_the_pool_arrays(tmp_path):
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (20, 30), dtype=np.uint8)  # (rows, columns): MONAI's (X, Y) is (30, 20)
+    Image.fromarray(image).save(tmp_path / "grey.png")
+    sources = [str(tmp_path / "grey.png")]
+    nearest = parsed_pool_transforms(**{"pool_transforms#1#mode": "nearest", "pool_transforms#1#anti_aliasing": False})
+    pool = ImagePool.load(sources, 14, 56, transforms=nearest)
+    # nearest sampling: output pixel i reads input pixel floor(i * in / out), grey repeated into 3 channels
+    x, y = np.floor(np.arange(56) * 30 / 56).astype(int), np.floor(np.arange(56) * 20 / 56).astype(int)
+    expected = image.T[x][:, y]
+    assert np.array_equal(pool.train_images[0].numpy(), np.stack([expected] * 3))
+    assert np.array_equal(
+        pool.feature_images[0, 0].numpy(), image.T[np.arange(14) * 30 // 14][:, np.arange(14) * 20 // 14]
+    )
+    # an extra intensity step between the default ones: every value + 0.25, clipped (8-bit: + 63.75 levels)
+    shifted = parsed_pool_transforms()
+    shifted.insert(1, functools.partial(ShiftIntensityd, keys="image", offset=0.25))
+    default, plus = ImagePool.load(sources, 14, 28), ImagePool.load(sources, 14, 28, transforms=shifted)
+    want = np.clip(np.round((default.train_images[:].double() / 255 + 0.25) * 255), 0, 255)
+    assert np.abs(plus.train_images[:].double().numpy() - want.numpy()).max() <= 1  # rounding before and after
+    assert (plus.train_images[:].int() - default.train_images[:].int()).max() == 64
+
+
+def test_pool_transforms_that_cannot_be_recorded_or_give_another_shape_are_refused(tmp_path):
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(tmp_path / "grey.png")
+    steps = parsed_pool_transforms()
+    with pytest.raises(TypeError, match=r'pool_transforms#0 is a IntensityToRGBd object: give it "_mode_": "callable"'):
+        ImagePool.load([str(tmp_path / "grey.png")], 14, 28, transforms=[steps[0](), steps[1]])
+    with pytest.raises(
+        ValueError, match=r"grey.png: pool_transforms gave a torch.float32 image of shape \(3, 30, 20\)"
+    ):
+        ImagePool.load([str(tmp_path / "grey.png")], 14, 28, transforms=steps[:1])  # no resize

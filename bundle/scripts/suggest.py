@@ -277,12 +277,14 @@ def suggest_references(
     preview_tile_size: int = 128,
     seed: int = 0,
     demo_images: int = 24,
+    pool_transforms=None,
 ) -> str:
     """Rank the unlabelled pool by how good each image would be as the single labelled reference.
 
     Writes ``output_dir/suggestions/ranking.csv`` (every image, best first), ``preview.png`` (the top
     ``num_suggestions``) and ``summary.json``; returns the path of the CSV. With neither ``dataset_dir`` nor
     ``datalist`` it ranks the generated demo pool that the pipeline would use (``output_dir/demo_data``).
+    ``pool_transforms``: the run's steps from a read image to the encoder's input (None: medsmile.json's).
     """
     t0 = time.time()
     if feature_image_size % 14:
@@ -300,7 +302,13 @@ def suggest_references(
         where = datalist if datalist else dataset_dir
         raise ValueError(f"no images found in {where}: nothing to suggest a reference from")
     pool = ImagePool.load(
-        sources, feature_image_size, preview_tile_size, slice_axis, dataset_dir, skip_bad_inputs=skip_bad_inputs
+        sources,
+        feature_image_size,
+        preview_tile_size,
+        slice_axis,
+        dataset_dir,
+        skip_bad_inputs=skip_bad_inputs,
+        transforms=pool_transforms,
     )
     torch.manual_seed(seed)
     source = resolve_encoder(encoder_weights, encoder_cache_dir)
