@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 
 import nibabel as nib
@@ -175,3 +176,16 @@ def test_pool_transforms_that_cannot_be_recorded_or_give_another_shape_are_refus
         ValueError, match=r"grey.png: pool_transforms gave a torch.float32 image of shape \(3, 30, 20\)"
     ):
         ImagePool.load([str(tmp_path / "grey.png")], 14, 28, transforms=steps[:1])  # no resize
+
+
+def test_the_default_pool_steps_are_inference_jsons_preprocessing():
+    """A model sees at inference what its pool saw: medsmile.json's pool_transforms are the steps of inference.json's
+    preprocessing between loading and typing, with the same arguments (inference.json adds what volumes need)."""
+    with open(CONFIG) as f:
+        pool_steps = json.load(f)["pool_transforms"]
+    with open(os.path.join(BUNDLE_ROOT, "configs", "inference.json")) as f:
+        inference_steps = json.load(f)["preprocessing"]["transforms"][2:4]
+    for pool_step, inference_step in zip(pool_steps, inference_steps, strict=True):
+        assert pool_step["_target_"] == inference_step["_target_"]
+        args = {k: v for k, v in pool_step.items() if not k.startswith("_") and k != "keys"}
+        assert args == {k: inference_step[k] for k in args}
