@@ -137,7 +137,7 @@ def test_tiny_runs_write_what_0_5_0_wrote(tiny_encoder, png_dataset, tmp_path, o
 
 
 def parsed_pool_transforms(**overrides) -> list:
-    """medsmile.json's pool_transforms with ``overrides`` (``pool_transforms#1#mode``: ...), as the bundle parses them."""
+    """medsmile.json's pool_transforms with ``overrides`` (``pool_transforms#1#mode``: ...), parsed by MONAI."""
     parser = ConfigParser()
     parser.read_config(CONFIG)
     parser.update(overrides)

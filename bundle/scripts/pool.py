@@ -2,8 +2,9 @@
 
 Inputs come from a folder or a MONAI datalist JSON; reading goes through ``image_io`` (MONAI readers, size checks,
 volume slicing), then each 2-D image through the pool's steps (medsmile.json's ``pool_transforms``, a MONAI transform
-list: intensity window -> RGB -> resize by default, the transforms inference.json uses). Images are held once at the round-0 feature size and once at the training size, so later rounds never re-read the files:
-in RAM, or streamed to files as they are read (``pool_store``), so that RSS does not grow with the pool.
+list: intensity window -> RGB -> resize by default, the transforms inference.json uses). Images are held once at the
+round-0 feature size and once at the training size, so later rounds never re-read the files: in RAM, or streamed to
+files as they are read (``pool_store``), so that RSS does not grow with the pool.
 """
 
 from __future__ import annotations
