@@ -10,9 +10,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
+import torch
 from PIL import Image
 
-from scripts.image_io import Case, label_slices, list_inputs, read_case, read_label, write_label
+from scripts.image_io import Case, label_slices, list_inputs, read_case, read_label, read_planes, write_label
+from scripts.transforms import CASE_WINDOW, IntensityToRGBd
 
 # ----------------------------------------------------------------------------------------------------------------------
 # helpers
@@ -282,6 +284,22 @@ def test_slicing_along_each_axis(tmp_path, axis):
     assert written.shape == shape
     expected = np.stack(labels, axis=axis)
     np.testing.assert_array_equal(np.asarray(written.dataobj), expected)
+
+
+def test_read_planes_keeps_the_stored_values_and_the_window_of_the_whole_volume(tmp_path):
+    data = np.zeros((6, 5, 3), np.int16)
+    data[..., 0] = 10  # a flat first slice: on its own, its window would be empty
+    data[..., 1] = np.arange(30).reshape(6, 5)
+    data[..., 2] = 400
+    nib.save(nib.Nifti1Image(data, AFFINE), tmp_path / "v.nii.gz")
+    case, planes = read_planes(tmp_path / "v.nii.gz")
+    lo, hi = case.meta["intensity_window"]
+    assert [p.dtype for p in planes] == [torch.int16] * 3 and all(p.meta[CASE_WINDOW] == (lo, hi) for p in planes)
+    np.testing.assert_array_equal(planes[1].numpy()[0], data[..., 1])
+    # the pool's first step scales slice 0 with the volume's window, as read_case and inference.json do
+    scaled = IntensityToRGBd("image")({"image": planes[0]})["image"]
+    np.testing.assert_allclose(scaled.numpy(), np.full((3, 6, 5), (10 - lo) / (hi - lo)), atol=1e-6)
+    np.testing.assert_array_equal(scaled.numpy(), read_case(tmp_path / "v.nii.gz")[1][0])
 
 
 def test_slice_axis_validated(tmp_path):

@@ -4,16 +4,21 @@ changed run, and runs recorded before they existed still resume with the default
 
 from __future__ import annotations
 
+import csv
 import functools
 import json
 import os
 from types import SimpleNamespace
+from typing import ClassVar
 
+import numpy as np
 import pytest
 import torch
 from conftest import BUNDLE_ROOT, TINY_OVERRIDES, chain
+from ignite.engine import Events
 from monai.bundle import ConfigParser, run
 from monai.handlers import StatsHandler
+from PIL import Image
 
 import scripts.pipeline as pipeline_module
 from scripts.losses import Mask2FormerSemanticLoss, SemanticDiceCELoss
@@ -134,7 +139,9 @@ def test_json_overrides_swap_the_optimizer_network_and_handlers(
         monkeypatch.setattr(cls, "step", counted)
     attached = []
     real_attach = StatsHandler.attach
-    monkeypatch.setattr(StatsHandler, "attach", lambda self, engine: (attached.append(self), real_attach(self, engine)))
+    monkeypatch.setattr(
+        StatsHandler, "attach", lambda self, engine: (attached.append(type(engine).__name__), real_attach(self, engine))
+    )
 
     swapped = {"optimizer#_target_": "torch.optim.SGD", "optimizer#momentum": 0.9, "network_def#num_queries": 3}
     run_medsmile(tiny_encoder, png_dataset, tmp_path, round_training=round_training, **swapped)
@@ -151,8 +158,9 @@ def test_json_overrides_swap_the_optimizer_network_and_handlers(
     assert state["mask2former.model.transformer_module.queries_features.weight"].shape[0] == 3
     assert json.loads((tmp_path / "models" / "network.json").read_text())["num_queries"] == 3
     network_from_file(tmp_path / "models" / "network.json").load_state_dict(state)
-    # the loss log (train_handlers#0) was attached to the round's trainer; the TensorBoard one is _disabled_
-    assert len(attached) == 1 and recorded["train_handlers"] == [
+    # the loss log (train_handlers#0) was attached to the round's trainer, the prediction log (val_handlers#0) to its
+    # pool evaluator; the TensorBoard one is _disabled_
+    assert sorted(attached) == ["SupervisedEvaluator", "SupervisedTrainer"] and recorded["train_handlers"] == [
         {"_target_": "monai.handlers.stats_handler.StatsHandler"}
     ]
 
@@ -220,3 +228,87 @@ def test_every_option_is_written_once_in_medsmile_json_with_its_note(tmp_path):
     assert pipeline.cfg["network_def"]["num_queries"] == 5  # the training parts see the given options
     with pytest.raises(ValueError, match=r"unknown pipeline option\(s\) \['num_querys'\]: the options are"):
         pipeline_module.MedSMILEPipeline(str(tmp_path), str(tmp_path / "m.pt"), num_querys=5)
+
+
+class CountingHandler:
+    """A val_handlers entry: counts the pool evaluator's iterations and keeps its metrics at the end."""
+
+    made: ClassVar[list[CountingHandler]] = []
+
+    def __init__(self):
+        self.engines, self.iterations, self.metrics = [], 0, None
+        CountingHandler.made.append(self)
+
+    def attach(self, engine) -> None:
+        self.engines.append(type(engine).__name__)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.count)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.end)
+
+    def count(self, engine) -> None:
+        self.iterations += 1
+
+    def end(self, engine) -> None:
+        self.metrics = dict(engine.state.metrics)
+
+
+@pytest.mark.slow
+def test_val_handlers_from_json_run_on_each_round_pool_evaluator_after_its_own(tiny_encoder, png_dataset, tmp_path):
+    CountingHandler.made.clear()
+    handlers = [
+        {"_target_": "test_pipeline_training_parts.CountingHandler"},
+        {"_target_": "test_pipeline_training_parts.CountingHandler", "_disabled_": True},
+    ]
+    run_medsmile(tiny_encoder, png_dataset, tmp_path, num_rounds=2, round_training="pseudo_labels", refine=True,
+                 val_handlers=handlers)  # fmt: skip
+    (counter,) = CountingHandler.made  # the _disabled_ one was never built
+    # one pool evaluator per round, 6 pool images in batches of 4: 2 iterations each
+    assert counter.engines == ["SupervisedEvaluator"] * 2 and counter.iterations == 4
+    # attached after the round's own handlers: their metrics of the last round are there at its end
+    with open(tmp_path / "run" / "round_2" / "uncertainty.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert counter.metrics["mean_pixel_entropy"] == pytest.approx(
+        np.mean([float(r["mean_pixel_entropy"]) for r in rows])
+    )
+    assert counter.metrics["refined_images"] == sum(int(r["refined"]) for r in rows)
+
+
+@pytest.mark.slow
+def test_pool_transforms_are_recorded_and_a_run_recorded_before_them_resumes(
+    tiny_encoder, png_dataset, tmp_path, monkeypatch
+):
+    # the default log file handler switched on: each round's prediction log in output_dir
+    run_medsmile(tiny_encoder, png_dataset, tmp_path, **{"val_handlers#1#_disabled_": False})
+    log = (tmp_path / "run" / "prediction_log.txt").read_text()
+    assert "mean_pixel_entropy" in log
+    record_file = tmp_path / "run" / "run_config.json"
+    record = json.loads(record_file.read_text())
+    assert record["config"]["pool_transforms"] == [
+        {"_target_": "scripts.transforms.IntensityToRGBd", "keys": "image"},
+        {"_target_": "scripts.transforms.ResizePlanesd", "keys": "image", "mode": "bilinear", "anti_aliasing": True},
+    ]
+    label_file = tmp_path / "run" / "round_1" / "labels" / "img_0.png"
+    before = (label_file.read_bytes(), os.stat(label_file).st_mtime_ns)
+    # as 0.5.0 wrote it: no pool_transforms, no val_handlers; it resumes with the default steps, nothing recomputed
+    old = {k: v for k, v in record["config"].items() if k not in ("pool_transforms", "val_handlers")}
+    record_file.write_text(json.dumps({"fingerprint": "older", "config": old}))
+    run_medsmile(tiny_encoder, png_dataset, tmp_path)
+    assert (label_file.read_bytes(), os.stat(label_file).st_mtime_ns) == before
+    # other steps are a changed run
+    nearest = {"pool_transforms#1#mode": "nearest", "pool_transforms#1#anti_aliasing": False}
+    with pytest.raises(RuntimeError) as err:
+        run_medsmile(tiny_encoder, png_dataset, tmp_path, **nearest)
+    assert "different configuration (changed: ['pool_transforms'])" in chain(err.value)
+    assert (label_file.read_bytes(), os.stat(label_file).st_mtime_ns) == before
+
+    # in a new run they make the pool's images: nearest sampling of the PNG, pixel i of 56 from floor(i * 50 / 56)
+    pools = []
+    real_load = pipeline_module.ImagePool.load
+    monkeypatch.setattr(
+        pipeline_module.ImagePool, "load", lambda *a, **k: pools.append(real_load(*a, **k)) or pools[-1]
+    )
+    run_medsmile(tiny_encoder, png_dataset, tmp_path / "nearest", pool_store="memory", **nearest)
+    (pool,) = pools
+    index = [case.name for case in pool.cases].index("img_1")  # 50 x 50
+    image = np.asarray(Image.open(png_dataset["dataset_dir"] + "/img_1.png")).transpose(2, 1, 0)  # MONAI (C, X, Y)
+    rows = np.floor(np.arange(56) * 50 / 56).astype(int)
+    assert np.array_equal(pool.train_images[index].numpy(), image[:, rows][:, :, rows])

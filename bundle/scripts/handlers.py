@@ -92,7 +92,8 @@ class RoundPredictions:
 
 
 class PixelEntropyHandler:
-    """Stores each predicted image's class probabilities and its mean pixel entropy.
+    """Stores each predicted image's class probabilities and its mean pixel entropy; at the end, the pool's mean in
+    ``engine.state.metrics["mean_pixel_entropy"]`` (what medsmile.json's ``val_handlers`` log).
 
     Reads ``engine.state.output[PRED]`` (log-probabilities or logits, softmaxed here) and the batch's ``index`` key.
     """
@@ -102,6 +103,10 @@ class PixelEntropyHandler:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.publish)
+
+    def publish(self, engine: Engine) -> None:
+        engine.state.metrics["mean_pixel_entropy"] = float(np.nanmean(self.predictions.uncertainty))
 
     def __call__(self, engine: Engine) -> None:
         probs = engine.state.output[CommonKeys.PRED].detach().float().softmax(dim=1)
@@ -151,6 +156,8 @@ class KNNRefinementHandler:
             if float(torch.as_tensor(weights).sum()) > 0:  # else refine_soft_label gives None: the raw label stays
                 preds.refined[int(i)] = (plan.neighbours[row][valid], weights)
         preds.plan = plan
+        if engine is not None:
+            engine.state.metrics["refined_images"] = len(preds.refined)
         logger.info(
             "refinement: %d of %d images uncertain (U >= %.4f), %d refined",
             len(plan.uncertain),

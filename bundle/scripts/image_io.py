@@ -54,6 +54,7 @@ __all__ = [
     "list_inputs",
     "read_case",
     "read_label",
+    "read_planes",
     "write_label",
 ]
 
@@ -484,14 +485,17 @@ def _geometry(meta: dict, ndim: int) -> dict:
     return {"affine": affine.tolist(), "original_affine": original.tolist(), "spacing": spacing}
 
 
-def read_case(
+def read_planes(
     path: str | os.PathLike, slice_axis: int = 2, dataset_root: str | os.PathLike | None = None
-) -> tuple[Case, list[np.ndarray]]:
-    """Read one input into a :class:`Case` and its 2-D slices, each ``float32 (3, X, Y)`` in ``[0, 1]``.
+) -> tuple[Case, list[torch.Tensor]]:
+    """Read one input into a :class:`Case` and its 2-D planes as stored: channel-first ``(C, X, Y)`` MetaTensors of
+    the file's dtype, each with the case's intensity window in its meta (``transforms.CASE_WINDOW``: a volume's
+    slices are scaled alike, by the window of the whole volume). What the pool's steps (medsmile.json's
+    ``pool_transforms``) then turn into network inputs; :func:`read_case` applies the default intensity steps.
 
-    2-D inputs (and 3-D inputs with a singleton axis) give one slice; 3-D volumes are cut along ``slice_axis``
-    (spatial axis 0, 1 or 2). Raises ``ValueError`` naming the file for unreadable/empty/truncated files, 4-D data
-    and non-finite intensities.
+    2-D inputs (and 3-D inputs with a singleton axis) give one plane; 3-D volumes are cut along ``slice_axis``
+    (spatial axis 0, 1 or 2). Raises ``ValueError`` naming the file for unreadable/empty/truncated files, 4-D data,
+    more than 4 channels and non-finite intensities.
     """
     path = os.fspath(path)
     if slice_axis not in (0, 1, 2):
@@ -504,23 +508,19 @@ def read_case(
     is_volume = len(spatial_shape) == 3 and squeezed is None
     if data.shape[0] > 4:
         raise ValueError(f"{path}: unsupported number of channels {data.shape[0]} (expected 1, 2, 3 or 4)")
-    # transforms.intensity_to_rgb, as inference.json: the window over the whole case, then channels per slice (so a
-    # large volume is not held three times over in one piece)
     from monai.data import MetaTensor
 
-    from .transforms import intensity_to_rgb
+    from .transforms import CASE_WINDOW, intensity_window
 
-    window_step, rgb_step = intensity_to_rgb("image").transforms
-    scaled = window_step({"image": MetaTensor(torch.as_tensor(data), meta={"filename_or_obj": path})})["image"]
-    window = scaled.meta["intensity_window"]
-    scaled = scaled.as_tensor()
+    stored = torch.as_tensor(data)
+    window = intensity_window(stored)  # over the whole case, as inference.json's IntensityToRGBd
     if is_volume:
-        planes = [scaled.select(slice_axis + 1, i) for i in range(spatial_shape[slice_axis])]
+        planes = [stored.select(slice_axis + 1, i) for i in range(spatial_shape[slice_axis])]
     elif squeezed is not None:
-        planes = [scaled.select(squeezed + 1, 0)]
+        planes = [stored.select(squeezed + 1, 0)]
     else:
-        planes = [scaled]
-    slices = [np.ascontiguousarray(torch.as_tensor(rgb_step({"image": p})["image"]).numpy()) for p in planes]
+        planes = [stored]
+    planes = [MetaTensor(p, meta={"filename_or_obj": path, CASE_WINDOW: window}) for p in planes]
     case_meta = _geometry(meta, len(spatial_shape))
     case_meta.update(
         {
@@ -541,6 +541,20 @@ def read_case(
         spatial_shape=spatial_shape,
         meta=case_meta,
     )
+    return case, planes
+
+
+def read_case(
+    path: str | os.PathLike, slice_axis: int = 2, dataset_root: str | os.PathLike | None = None
+) -> tuple[Case, list[np.ndarray]]:
+    """Read one input into a :class:`Case` and its 2-D slices, each ``float32 (3, X, Y)`` in ``[0, 1]``: the planes
+    of :func:`read_planes` through :func:`scripts.transforms.intensity_to_rgb`, as inference.json sees them (the
+    window over the whole case). Raises as :func:`read_planes`."""
+    from .transforms import intensity_to_rgb
+
+    case, planes = read_planes(path, slice_axis, dataset_root)
+    intensity = intensity_to_rgb("image")
+    slices = [np.ascontiguousarray(intensity({"image": p})["image"].as_tensor().numpy()) for p in planes]
     return case, slices
 
 

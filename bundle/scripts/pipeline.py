@@ -35,10 +35,10 @@ from .demo_data import make_demo_data
 from .encoder import EncoderSource, load_dinov2, resolve_encoder
 from .encoder_finetune import finetune_encoder
 from .features import dinov2_features
-from .image_io import label_slices, read_case, read_label
+from .image_io import label_slices, read_label, read_planes
 from .losses import IGNORE_LABEL, LOSSES
 from .network import FEATURE_PYRAMIDS, Mask2FormerDinov2, bf16_supported
-from .pool import ImagePool, pool_sources, resize_image, to_uint8
+from .pool import ImagePool, pool_sources, preprocess, sized_transform, to_uint8
 from .pool_store import ArrayStore, RowItems
 from .prototypes import (
     PROBE_CELLS_PER_IMAGE,
@@ -132,13 +132,24 @@ UNRECORDED_KEYS = (
     # the handlers medsmile.json adds to the round trainer observe it (loss log, TensorBoard); the ones that shape the
     # training (schedule, clipping, checkpoints) are the pipeline's own and recorded through their options
     "train_handlers",
+    "val_handlers",  # likewise on the round's pool evaluator, after its entropy, refinement and prediction handlers
 )
 
 # The round's parts, config items of medsmile.json that a user swaps in JSON (``_mode_: "callable"`` partials, and
-# the trainer's extra handlers); the pipeline calls them each round with what only it knows (training.call_with).
+# the trainer's and the pool evaluator's extra handlers); the pipeline calls them each round with what only it knows
+# (training.call_with); pool_transforms: the steps from a read 2-D image to the network's input (pool.sized_transform).
 # The transform lists hold partials too, so that run_config.json records their arguments (TRANSFORM_PARTS).
 TRANSFORM_PARTS = ("train_transforms", "consistency_strong_transforms")
-TRAINING_PARTS = ("network_def", "optimizer", "lr_scheduler", "loss_function", "train_handlers", *TRANSFORM_PARTS)
+TRAINING_PARTS = (
+    "network_def",
+    "optimizer",
+    "lr_scheduler",
+    "loss_function",
+    "train_handlers",
+    "val_handlers",
+    "pool_transforms",
+    *TRANSFORM_PARTS,
+)
 BUNDLE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE_CONFIG = os.path.join(BUNDLE_DIR, "configs", "medsmile.json")
 
@@ -428,6 +439,7 @@ class MedSMILEPipeline:
         self.summary: dict = {}
         self._tokens = None  # the pool's and references' cached token views, built by the first round that uses them
         self._said_cache_off = False  # why the token cache is off is logged once
+        self._sized_steps: dict = {}  # size -> the pool's steps at that size, for the references
 
     def __getattr__(self, name):
         cfg = self.__dict__.get("cfg", {})
@@ -523,17 +535,25 @@ class MedSMILEPipeline:
             )
 
     def _load_references(self) -> list[tuple[torch.Tensor, torch.Tensor, str]]:
-        """Each reference as (image (3, X, Y) in [0, 1], label (X, Y), name), checked against num_classes."""
+        """Each reference as (image (C, X, Y) as stored, label (X, Y), name), checked against num_classes; the image
+        becomes a network input through the pool's steps (``_as_input``)."""
         refs = []
         for image_path, label_path in zip(_as_list(self.reference_image), _as_list(self.reference_label), strict=True):
-            case, slices = read_case(image_path, slice_axis=self.slice_axis)
+            case, slices = read_planes(image_path, slice_axis=self.slice_axis)
             if case.is_volume:
                 raise ValueError(f"{image_path}: the reference must be a 2-D image (pick one slice of the volume)")
             label = read_label(label_path, case.spatial_shape, num_classes=self.num_classes)
             label = torch.as_tensor(label_slices(case, label)[0]).long()
             check_reference_label(label, self.num_classes, name=f"reference label {label_path}")
-            refs.append((torch.as_tensor(slices[0]), label, os.path.basename(image_path)))
+            refs.append((slices[0], label, os.path.basename(image_path)))
         return refs
+
+    def _as_input(self, image: torch.Tensor, size: int) -> torch.Tensor:
+        """A reference image (``read_planes``, maybe rotated) through the pool's steps at ``size``, as the pool's
+        images are: float (3, size, size) in [0, 1]."""
+        if size not in self._sized_steps:
+            self._sized_steps[size] = sized_transform(self._parts["pool_transforms"], size)
+        return preprocess(self._sized_steps[size], image, size)
 
     # ------------------------------------------------------------------ stages
     def _features(self, encoder, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -623,7 +643,7 @@ class MedSMILEPipeline:
             views = [view for image, label in views for view in rotated_views(image, label)]
         ref_scores = []
         for image, _ in views:
-            patch, _ = self._features(encoder, resize_image(image, self.feature_image_size)[None])
+            patch, _ = self._features(encoder, self._as_input(image, self.feature_image_size)[None])
             ref_scores.append(foreground_contrast_scores(classifier(patch), self.foreground_contrast)[0].cpu())
         threshold = reference_presence_threshold(ref_scores, [label for _, label in views], self.presence_threshold)
         smoothed = smooth_presence(presence, [item.case for item in pool.items])
@@ -650,7 +670,7 @@ class MedSMILEPipeline:
             views = [view for image, label in views for view in rotated_views(image, label)]
         ref_feats, labels = [], [label for _, label in views]
         for image, _ in views:
-            patch, _ = self._features(encoder, resize_image(image, self.feature_image_size)[None])
+            patch, _ = self._features(encoder, self._as_input(image, self.feature_image_size)[None])
             ref_feats.append(patch[0].cpu())
         if self.round0_classifier == "prototypes":
             prototypes = class_prototypes(ref_feats, labels, self.num_classes).to(self.device)
@@ -762,7 +782,7 @@ class MedSMILEPipeline:
                 fill()
             else:  # rank 0 writes the file, the others read it
                 distributed.run_on_main(fill)
-            ref_images = torch.stack([to_uint8(resize_image(image, self.image_size)) for image, _, _ in refs])
+            ref_images = torch.stack([to_uint8(self._as_input(image, self.image_size)) for image, _, _ in refs])
             ref_tokens = torch.zeros((len(refs), *shape[1:]), dtype=torch.float16)
             fill_token_views(network, ref_images, ref_tokens, self.batch_size, self.backbone_bf16)
             self._tokens = self._store.sync(pool_tokens), ref_tokens
@@ -795,7 +815,7 @@ class MedSMILEPipeline:
             for k, (image, label, _) in enumerate(refs):
                 ref_label = F.interpolate(label[None, None].float(), (self.image_size,) * 2, mode="nearest")[0, 0]
                 item = {
-                    "image": ref_tokens[k] if cached else to_uint8(resize_image(image, self.image_size)),
+                    "image": ref_tokens[k] if cached else to_uint8(self._as_input(image, self.image_size)),
                     "label": ref_label.to(torch.uint8)[None],
                     "index": -1,
                 }
@@ -871,6 +891,7 @@ class MedSMILEPipeline:
             exact_limit=self.knn_exact_limit,
             flip_average=self.flip_average_predictions,
             token_views=cached,
+            handlers=self._parts["val_handlers"],
             probs=self._store.create(
                 "round_probs", (len(pool), self.num_classes, *(self.image_size,) * 2), torch.float16
             ),
@@ -1068,6 +1089,7 @@ class MedSMILEPipeline:
             self.dataset_dir,
             self.skip_bad_inputs,
             store=self._store,
+            transforms=self._parts["pool_transforms"],
         )
         pool = load() if self.pool_store == "memory" else distributed.run_on_main(load)  # on disk: rank 0 writes
         distributed.run_on_main(self._start_run_record, discard_previous)

@@ -1,23 +1,29 @@
 """The unlabelled pool: every 2-D image (volume slices included), kept as uint8 at the encoder and training sizes.
 
-Inputs come from a folder or a MONAI datalist JSON; reading goes through ``image_io`` (MONAI readers). Images are
-held once at the round-0 feature size and once at the training size, so later rounds never re-read the files:
-in RAM, or streamed to files as they are read (``pool_store``), so that RSS does not grow with the pool.
+Inputs come from a folder or a MONAI datalist JSON; reading goes through ``image_io`` (MONAI readers, size checks,
+volume slicing), then each 2-D image through the pool's steps (medsmile.json's ``pool_transforms``, a MONAI transform
+list: intensity window -> RGB -> resize by default, the transforms inference.json uses). Images are held once at the
+round-0 feature size and once at the training size, so later rounds never re-read the files: in RAM, or streamed to
+files as they are read (``pool_store``), so that RSS does not grow with the pool.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from monai.data import load_decathlon_datalist
-from monai.transforms import Resize
+from monai.transforms import Compose, Resize
+from monai.utils import convert_to_tensor
 
-from .image_io import IMAGE_SUFFIXES, NIFTI_SUFFIXES, Case, check_image_size, list_inputs, read_case
+from .image_io import IMAGE_SUFFIXES, NIFTI_SUFFIXES, Case, check_image_size, list_inputs, read_planes
 from .pool_store import ArrayStore, RowCollector
 
 logger = logging.getLogger(__name__)
@@ -40,6 +46,44 @@ def resize_image(image: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
     """(3, X, Y) float in [0, 1] -> (3, size, size) float, bilinear with anti-aliasing (MONAI Resize)."""
     resize = Resize(spatial_size=(size, size), mode="bilinear", anti_aliasing=True)
     return torch.as_tensor(resize(torch.as_tensor(image, dtype=torch.float32))).clamp(0, 1)
+
+
+def default_pool_transforms() -> list:
+    """medsmile.json's ``pool_transforms`` (the one place they are written), for a pool built without the config."""
+    from .pipeline import default_parts  # here, not at the top: the pipeline imports this module
+
+    return default_parts({})["pool_transforms"]
+
+
+def sized_transform(steps: Sequence, size: int) -> Compose:
+    """The pool's steps (``pool_transforms``: dictionary transforms on the key "image", each a ``_mode_: "callable"``
+    partial or a class) as one MONAI ``Compose`` at ``size``: a step that takes a ``size`` (``ResizePlanesd``) is
+    given the round-0 feature size or the training size (``training.call_with``). An instance is refused:
+    run_config.json could not record its arguments, and it could not be given the size."""
+    from .training import call_with
+
+    built = []
+    for i, step in enumerate(steps):
+        if not (isinstance(step, functools.partial) or inspect.isclass(step)):
+            raise TypeError(
+                f'pool_transforms#{i} is a {type(step).__name__} object: give it "_mode_": "callable" so that the '
+                "pipeline builds it at each size and run_config.json records its arguments"
+            )
+        built.append(call_with(step, size=size))
+    return Compose(built)
+
+
+def preprocess(transform: Compose, plane: torch.Tensor, size: int) -> torch.Tensor:
+    """One 2-D plane (``image_io.read_planes``) through the pool's steps at ``size``: float (3, size, size) in
+    [0, 1]; steps that give another shape are refused, naming the file."""
+    image = convert_to_tensor(transform({"image": plane})["image"], track_meta=False)
+    if tuple(image.shape) != (3, size, size) or not image.is_floating_point():
+        name = getattr(plane, "meta", {}).get("filename_or_obj", "a pool image")
+        raise ValueError(
+            f"{name}: pool_transforms gave a {image.dtype} image of shape {tuple(image.shape)}; they must give float "
+            f"(3, {size}, {size}) in [0, 1] (3 channels, the size the pipeline asks for)"
+        )
+    return image.float().clamp(0, 1)
 
 
 def datalist_inputs(datalist: str, key: str, base_dir: str | None = None) -> list[dict]:
@@ -77,12 +121,16 @@ class ImagePool:
         dataset_root: str | None = None,
         skip_bad_inputs: bool = False,
         store: ArrayStore | None = None,
+        transforms: Sequence | None = None,
     ) -> ImagePool:
-        """Read every source (image file, volume or DICOM series folder) and resize its slices.
+        """Read every source (image file, volume or DICOM series folder) and put its slices through ``transforms``
+        (medsmile.json's ``pool_transforms``, its default when None) at both sizes.
 
         A bad file raises ValueError naming it, or is logged and listed in ``skipped`` when ``skip_bad_inputs``.
         ``store``: where the resized images go (default: tensors in RAM).
         """
+        steps = default_pool_transforms() if transforms is None else transforms
+        to_feature, to_train = sized_transform(steps, feature_size), sized_transform(steps, train_size)
         cases, items, skipped = [], [], []
         if store is None:
             feats, trains = RowCollector(None), RowCollector(None)
@@ -91,7 +139,7 @@ class ImagePool:
             trains = store.growing("pool_train_images", (3, train_size, train_size), torch.uint8)
         for source in sources:
             try:
-                case, slices = read_case(source, slice_axis=slice_axis, dataset_root=dataset_root)
+                case, slices = read_planes(source, slice_axis=slice_axis, dataset_root=dataset_root)
                 check_image_size(case)
             except ValueError as err:
                 if not skip_bad_inputs:
@@ -103,8 +151,8 @@ class ImagePool:
             cases.append(case)
             for slice_index, image in enumerate(slices):
                 items.append(PoolItem(case_index, slice_index, tuple(int(s) for s in image.shape[1:])))
-                feats.append(to_uint8(resize_image(image, feature_size)))
-                trains.append(to_uint8(resize_image(image, train_size)))
+                feats.append(to_uint8(preprocess(to_feature, image, feature_size)))
+                trains.append(to_uint8(preprocess(to_train, image, train_size)))
         if not items:
             where = f" in {dataset_root}" if dataset_root else ""
             raise ValueError(f"no readable images among the {len(sources)} inputs{where}")

@@ -281,6 +281,7 @@ def suggest_references(
     seed: int = 0,
     demo_images: int = 24,
     backbone_bf16: bool = True,
+    pool_transforms=None,
 ) -> str:
     """Rank the unlabelled pool by how good each image would be as the single labelled reference.
 
@@ -288,6 +289,7 @@ def suggest_references(
     ``num_suggestions``) and ``summary.json``; returns the path of the CSV. With neither ``dataset_dir`` nor
     ``datalist`` it ranks the generated demo pool that the pipeline would use (``output_dir/demo_data``).
     ``backbone_bf16``: the encoder runs under bf16 autocast where the device supports it, as for round 0.
+    ``pool_transforms``: the run's steps from a read image to the encoder's input (None: medsmile.json's).
     """
     t0 = time.time()
     if feature_image_size % 14:
@@ -305,7 +307,13 @@ def suggest_references(
         where = datalist if datalist else dataset_dir
         raise ValueError(f"no images found in {where}: nothing to suggest a reference from")
     pool = ImagePool.load(
-        sources, feature_image_size, preview_tile_size, slice_axis, dataset_dir, skip_bad_inputs=skip_bad_inputs
+        sources,
+        feature_image_size,
+        preview_tile_size,
+        slice_axis,
+        dataset_dir,
+        skip_bad_inputs=skip_bad_inputs,
+        transforms=pool_transforms,
     )
     torch.manual_seed(seed)
     source = resolve_encoder(encoder_weights, encoder_cache_dir)

@@ -276,13 +276,16 @@ def predict_and_refine(
     probs=None,
     flip_average: bool = False,
     token_views: bool = False,
+    handlers=(),
 ) -> RoundPredictions:
     """Predict every pool image with an Ignite evaluator; entropy per image; KNN refinement at the end.
 
     ``probs``: where the (N, C, S, S) float16 probability maps go (default: a tensor in RAM). ``flip_average``:
     predict with ``FlipAveragingInferer`` (mean of the four mirrored views) instead of one forward pass.
     ``token_views``: ``images`` holds each image's cached token views (N, 4, D, h, w) (token_cache.py) and the
-    head alone predicts, from the identity view or, with ``flip_average``, from all four."""
+    head alone predicts, from the identity view or, with ``flip_average``, from all four. ``handlers``: more
+    evaluator handlers (medsmile.json's ``val_handlers``: a log of the round's prediction) attached after the round's
+    own, so they see its metrics (``mean_pixel_entropy``, ``refined_images``)."""
     if token_views:
         size = images.shape[-1] * network.patch_size
         select = (lambda x: x.float()) if flip_average else (lambda x: x[0].float())
@@ -301,5 +304,7 @@ def predict_and_refine(
     PixelEntropyHandler(predictions).attach(evaluator)
     if refine:
         KNNRefinementHandler(predictions, global_features, quantile, k, exact_limit).attach(evaluator)
+    for handler in handlers:
+        handler.attach(evaluator)
     evaluator.run()
     return predictions

@@ -41,15 +41,21 @@ def intensity_window(image: np.ndarray | torch.Tensor) -> tuple[float, float]:
     return lo, hi
 
 
+# meta key of a volume slice's window: the pool reads a volume's slices one by one (image_io.read_planes) but
+# scales them all with the window of the whole case, as inference.json scales the whole volume
+CASE_WINDOW = "case_intensity_window"
+
+
 class ScaleIntensityWindowd(MapTransform):
     """MONAI's ``ScaleIntensityRange`` from :func:`intensity_window` to [0, 1], clipped, float32 (a constant image
     -> 0); the window goes into the output's meta. Load with ``LoadImaged(dtype=None)`` so it sees the stored
-    dtype."""
+    dtype. A 2-D slice whose meta holds its case's window (``CASE_WINDOW``) is scaled with that one."""
 
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
-            lo, hi = intensity_window(d[key])
+            case_window = getattr(d[key], "meta", {}).get(CASE_WINDOW)
+            lo, hi = intensity_window(d[key]) if case_window is None else case_window
             image = convert_to_tensor(d[key], dtype=torch.float32, track_meta=get_track_meta())
             if hi <= lo:
                 image = image * 0  # flat: ScaleIntensityRange would divide by zero
