@@ -134,10 +134,20 @@ def test_a_killed_benchmark_stops_the_run_it_waits_for():
     bench = subprocess.Popen([sys.executable, "-c", script], cwd=paper.REPO)
     children = Path(f"/proc/{bench.pid}/task/{bench.pid}/children")
     deadline = time.time() + 60
-    while not children.read_text().split():  # wait for the child run to start
+
+    def stand_in_run() -> int | None:
+        """The pid of the ``sleep`` child; imports may start short-lived children of their own before it."""
+        for pid in children.read_text().split():
+            try:
+                if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == b"sleep":
+                    return int(pid)
+            except FileNotFoundError:  # it ended between the two reads
+                continue
+        return None
+
+    while (run_pid := stand_in_run()) is None:  # wait for the child run to start
         assert bench.poll() is None and time.time() < deadline, "the stand-in run never started"
         time.sleep(0.2)
-    run_pid = int(children.read_text().split()[0])
     bench.send_signal(signal.SIGTERM)
     assert bench.wait(timeout=30) == 128 + signal.SIGTERM
     assert not os.path.exists(f"/proc/{run_pid}"), "the run outlived the benchmark"

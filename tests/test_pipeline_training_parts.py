@@ -276,10 +276,14 @@ def test_val_handlers_from_json_run_on_each_round_pool_evaluator_after_its_own(t
 def test_pool_transforms_are_recorded_and_a_run_recorded_before_them_resumes(
     tiny_encoder, png_dataset, tmp_path, monkeypatch
 ):
-    # the default log file handler switched on: each round's prediction log in output_dir
+    # the default MetricsSaver switched on: the last round's prediction metrics in output_dir
     run_medsmile(tiny_encoder, png_dataset, tmp_path, **{"val_handlers#1#_disabled_": False})
-    log = (tmp_path / "run" / "prediction_log.txt").read_text()
-    assert "mean_pixel_entropy" in log
+    saved = dict(
+        line.split(",") for line in (tmp_path / "run" / "prediction_metrics" / "metrics.csv").read_text().splitlines()
+    )
+    with open(tmp_path / "run" / "round_1" / "uncertainty.csv") as f:
+        entropies = [float(r["mean_pixel_entropy"]) for r in csv.DictReader(f)]
+    assert float(saved["mean_pixel_entropy"]) == pytest.approx(np.mean(entropies), rel=1e-5)
     record_file = tmp_path / "run" / "run_config.json"
     record = json.loads(record_file.read_text())
     assert record["config"]["pool_transforms"] == [
