@@ -280,6 +280,26 @@ VARIANTS = {
         "presence": ("ref_mid", None),
     },
     "absence: Otsu split of the pool's image presence scores": {**BUNDLE_FEATURES, "presence": ("pool_otsu", None)},
+    "absence, 1 empty reference: image empty unless a cell beats the references' background q0.99": {
+        **BUNDLE_FEATURES,
+        "negatives": 1,
+        "presence": ("ref_bg", 0.99),
+    },
+    "absence, 1 empty reference: image empty unless a cell beats the references' background max": {
+        **BUNDLE_FEATURES,
+        "negatives": 1,
+        "presence": ("ref_bg", 1.0),
+    },
+    "absence, 1 empty reference: image empty unless a cell beats the empty reference's max": {
+        **BUNDLE_FEATURES,
+        "negatives": 1,
+        "presence": ("negative_max", None),
+    },
+    "absence, 2 empty references: image empty unless a cell beats the empty references' max": {
+        **BUNDLE_FEATURES,
+        "negatives": 2,
+        "presence": ("negative_max", None),
+    },
     "absence: cell foreground only above the reference's background q0.9": {
         **BUNDLE_FEATURES,
         "presence": ("cell_ref_bg", 0.9),
@@ -436,10 +456,13 @@ def reference_class_means(features: torch.Tensor, label: torch.Tensor, prototype
     return torch.stack([scores[c][grid == c].mean() for c in range(len(prototypes))])
 
 
-def k_shot(split: dict, data_root: str, k: int) -> dict:
-    """The seed's reference plus the first k - 1 pool images with a non-empty mask as references; they leave the
-    pool, as in the pipeline."""
-    extra = [item for item in split["pool"] if read_label(mask_path(data_root, *item), num_classes=2).any()][: k - 1]
+def k_shot(split: dict, data_root: str, k: int, negatives: int = 0) -> dict:
+    """The seed's reference plus the first k - 1 pool images with a non-empty mask as references, and the first
+    ``negatives`` pool images with an EMPTY mask as references labelled all background (a user who marks one normal
+    scan "nothing here"); they all leave the pool, as in the pipeline."""
+    empty = {item: not read_label(mask_path(data_root, *item), num_classes=2).any() for item in split["pool"]}
+    extra = [item for item in split["pool"] if not empty[item]][: k - 1]
+    extra += [item for item in split["pool"] if empty[item]][:negatives]
     return {
         "references": [split["reference"], *extra],
         "pool": [item for item in split["pool"] if item not in extra],
@@ -523,6 +546,10 @@ def evaluate(feats: dict, split: dict, data_root: str, variant: dict) -> dict:
             (score_map(f[None])[0], F.interpolate(label[None, None].float(), size=f.shape[-2:], mode=mode)[0, 0])
             for f, label in zip(view_features[: len(refs)], view_labels[: len(refs)], strict=True)
         ]
+        if rule == "negative_max":  # the empty references' cells only: what an image without the structure shows
+            empty_refs = [(s, g) for s, g in ref_margins if not g.any()]
+            ref_margins = empty_refs or ref_margins
+            rule, param = "ref_bg", 1.0
         threshold = presence_threshold(
             rule.removesuffix("_pure"),
             param,
@@ -673,9 +700,9 @@ def main(argv=None) -> None:
         if any(v.get("rotations") for v in variants.values()):
             feats.update(rotated_reference_features(encoder, args.data_root, split["reference"], args.feature_size))
         for name, variant in variants.items():
-            shots = variant.get("shots", 1)
+            shots, negatives = variant.get("shots", 1), variant.get("negatives", 0)
             rows[name].append(
-                evaluate(feats, {**split, **k_shot(split, args.data_root, shots)}, args.data_root, variant)
+                evaluate(feats, {**split, **k_shot(split, args.data_root, shots, negatives)}, args.data_root, variant)
             )
             print(f"seed {seed} {name}: {rows[name][-1]}", flush=True)
     if args.reference_sizes:
