@@ -15,7 +15,7 @@ import re
 import pytest
 import torch
 from conftest import CONFIGS, augmentation_preset, chain, run_medsmile
-from monai.transforms import RandFlipd, RandRotate90d, ShiftIntensity
+from monai.transforms import RandFlipd, RandRotate90d, ShiftIntensity, ShiftIntensityd
 
 import scripts.training
 from scripts.consistency import ConsistencyStep, strong_transform
@@ -150,6 +150,9 @@ def test_a_ready_transform_object_is_refused_since_its_arguments_cannot_be_recor
         _pipeline(tmp_path, train_transforms=[RandRotate90d, RandFlipd(keys=["image", "label"], prob=0.5)])
     with pytest.raises(TypeError, match="consistency_strong_transforms must be a list of transforms"):
         _pipeline(tmp_path, consistency_strong_transforms=functools.partial(ShiftIntensity, offset=0.1))
+    with pytest.raises(ValueError, match=r'pool_transforms#0 is a ShiftIntensityd object: give it "_mode_"'):
+        _pipeline(tmp_path, pool_transforms=[ShiftIntensityd(keys="image", offset=1.0)])  # before the pool is read
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_strong_view_applies_the_given_list_then_clamps():

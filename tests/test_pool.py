@@ -92,7 +92,9 @@ def test_pool_transforms_swapped_in_json_make_the_pool_arrays(tmp_path):
 def test_pool_transforms_that_cannot_be_recorded_or_give_another_shape_are_refused(tmp_path):
     Image.fromarray(np.zeros((20, 30), np.uint8)).save(tmp_path / "grey.png")
     steps = parsed_pool_transforms()
-    with pytest.raises(TypeError, match=r'pool_transforms#0 is a IntensityToRGBd object: give it "_mode_": "callable"'):
+    with pytest.raises(
+        ValueError, match=r'pool_transforms#0 is a IntensityToRGBd object: give it "_mode_": "callable"'
+    ):
         ImagePool.load([str(tmp_path / "grey.png")], 14, 28, transforms=[steps[0](), steps[1]])
     with pytest.raises(
         ValueError, match=r"grey.png: pool_transforms gave a torch.float32 image of shape \(3, 30, 20\)"

@@ -73,7 +73,15 @@ from .round_store import (
     write_round_labels,
 )
 from .token_cache import TOKEN_VIEWS, fill_token_views, uncacheable_reason
-from .training import AUGMENTATIONS, call_with, predict_and_refine, round_epochs, train_round, training_items
+from .training import (
+    AUGMENTATIONS,
+    call_with,
+    check_transform_list,
+    predict_and_refine,
+    round_epochs,
+    train_round,
+    training_items,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -233,17 +241,9 @@ def as_bool(name: str, value) -> bool:
 
 
 def check_transform_parts(parts: dict) -> None:
-    """The transform lists hold ``_mode_: "callable"`` partials (or classes): a ready transform object cannot be
-    recorded with its arguments, so a changed one would not count as a changed run."""
-    for key in TRANSFORM_PARTS:
-        if not isinstance(parts[key], (list, tuple)):
-            raise TypeError(f"{key} must be a list of transforms, got {parts[key]!r}")
-        for i, t in enumerate(parts[key]):
-            if not (isinstance(t, functools.partial) or inspect.isclass(t)):
-                raise ValueError(
-                    f'{key}#{i} is a {type(t).__name__} object: give it "_mode_": "callable" (as the lists in '
-                    "medsmile.json), so that run_config.json records its arguments"
-                )
+    """The transform lists, checked before any compute (``training.check_transform_list``)."""
+    for key in (*TRANSFORM_PARTS, "pool_transforms"):
+        check_transform_list(key, parts[key])
 
 
 def check_consistency_options(cfg: dict, train_transforms) -> None:

@@ -9,9 +9,7 @@ files as they are read (``pool_store``), so that RSS does not grow with the pool
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
 import logging
 import os
 from collections.abc import Sequence
@@ -57,19 +55,12 @@ def default_pool_transforms() -> list:
 
 def sized_transform(steps: Sequence, size: int) -> Compose:
     """The pool's steps (``pool_transforms``: dictionary transforms on the key "image", each a ``_mode_: "callable"``
-    partial or a class) as one MONAI ``Compose`` at ``size``: a step that takes a ``size`` (``ResizePlanesd``) is
-    given the round-0 feature size or the training size (``training.call_with``). An instance is refused:
-    run_config.json could not record its arguments, and it could not be given the size."""
-    from .training import call_with
+    partial or a class, ``training.check_transform_list``) as one MONAI ``Compose`` at ``size``: a step that takes a
+    ``size`` (``ResizePlanesd``) is given the round-0 feature size or the training size (``training.call_with``)."""
+    from .training import call_with, check_transform_list
 
-    built = []
-    for i, step in enumerate(steps):
-        if not (isinstance(step, functools.partial) or inspect.isclass(step)):
-            raise TypeError(
-                f'pool_transforms#{i} is a {type(step).__name__} object: give it "_mode_": "callable" so that the '
-                "pipeline builds it at each size and run_config.json records its arguments"
-            )
-        built.append(call_with(step, size=size))
+    check_transform_list("pool_transforms", steps)
+    built = [call_with(step, size=size) for step in steps]
     return Compose(built)
 
 

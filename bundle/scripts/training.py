@@ -102,6 +102,20 @@ def call_with(part, *args, **runtime):
     return part(*args, **extra)
 
 
+def check_transform_list(key: str, steps) -> None:
+    """A config list of transforms holds ``_mode_: "callable"`` partials or classes, never built objects: an object
+    cannot be recorded with its arguments in run_config.json (a changed one would not count as a changed run), nor
+    built again at another size (``call_with``). Refused as an option error naming ``key#i``."""
+    if not isinstance(steps, (list, tuple)):
+        raise TypeError(f"{key} must be a list of transforms, got {steps!r}")
+    for i, step in enumerate(steps):
+        if not (isinstance(step, functools.partial) or inspect.isclass(step)):
+            raise ValueError(
+                f'{key}#{i} is a {type(step).__name__} object: give it "_mode_": "callable" (as the lists in '
+                "medsmile.json), so that the pipeline can build it and run_config.json records its arguments"
+            )
+
+
 def build_loss(name, network: torch.nn.Module, bootstrap: float = 0.0) -> torch.nn.Module:
     """The round's loss: ``name`` a config part (``loss_function`` in medsmile.json, called with the network and its
     class count as far as it takes them) or, for callers outside the bundle config, "mask2former" / "dicece"."""
