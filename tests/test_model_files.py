@@ -130,6 +130,18 @@ def test_image_size_of_an_older_export_and_a_missing_record(tmp_path, caplog):
         trained_image_size(tmp_path / "nowhere.json")
 
 
+def test_a_model_trained_with_other_pool_transforms_says_so_where_it_is_loaded():
+    from scripts.model_files import preprocessing_warning
+
+    assert preprocessing_warning({"num_classes": 2, "image_size": 224}, "models/network.json") is None
+    swapped = [{"_target_": "monai.transforms.ScaleIntensityRanged", "keys": "image", "a_min": -100}]
+    assert preprocessing_warning({"pool_transforms": swapped}, "models/network.json") == (
+        "models/network.json: this model was trained with its own pool_transforms (ScaleIntensityRanged), but "
+        "inference.json and the other configs apply the default preprocessing (IntensityToRGBd, ResizePlanesd): "
+        "change their 'preprocessing' alike before trusting its predictions"
+    )
+
+
 @pytest.mark.parametrize(
     "num_classes, names, expected",
     [(2, None, ["background", "lesion"]), (4, None, ["background", "class_1", "class_2", "class_3"]),

@@ -274,7 +274,7 @@ def test_val_handlers_from_json_run_on_each_round_pool_evaluator_after_its_own(t
 
 @pytest.mark.slow
 def test_pool_transforms_are_recorded_and_a_run_recorded_before_them_resumes(
-    tiny_encoder, png_dataset, tmp_path, monkeypatch
+    tiny_encoder, png_dataset, tmp_path, monkeypatch, caplog
 ):
     # the default MetricsSaver switched on: the last round's prediction metrics in output_dir
     run_medsmile(tiny_encoder, png_dataset, tmp_path, **{"val_handlers#1#_disabled_": False})
@@ -316,3 +316,17 @@ def test_pool_transforms_are_recorded_and_a_run_recorded_before_them_resumes(
     image = np.asarray(Image.open(png_dataset["dataset_dir"] + "/img_1.png")).transpose(2, 1, 0)  # MONAI (C, X, Y)
     rows = np.floor(np.arange(56) * 50 / 56).astype(int)
     assert np.array_equal(pool.train_images[index].numpy(), image[:, rows][:, :, rows])
+    # the model says where it is loaded that the configs' preprocessing is not the one it was trained with
+    assert "pool_transforms" not in json.loads((tmp_path / "run" / "model" / "network.json").read_text())
+    swapped = tmp_path / "nearest" / "run" / "model" / "network.json"
+    assert json.loads(swapped.read_text())["pool_transforms"][1] == {
+        "_target_": "scripts.transforms.ResizePlanesd",
+        "keys": "image",
+        "mode": "nearest",
+        "anti_aliasing": False,
+    }
+    caplog.clear()
+    network_from_file(swapped)
+    assert f"{swapped}: this model was trained with its own pool_transforms (IntensityToRGBd, ResizePlanesd)" in (
+        caplog.text
+    )

@@ -24,7 +24,7 @@ NETWORK_FILE = "network.json"
 METADATA_FILE = "metadata.json"
 PREVIOUS_DIR = "previous"
 # keys of network.json that describe the model rather than build it (network_from_file leaves them out)
-RECORD_KEYS = ("image_size", "label_names", "trained_by")
+RECORD_KEYS = ("image_size", "label_names", "trained_by", "pool_transforms")
 BUNDLE_METADATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", METADATA_FILE)
 LEGACY_IMAGE_SIZE = 224  # what inference.json used before network.json recorded the training size
 
@@ -56,6 +56,20 @@ def read_network_record(path: str | os.PathLike) -> dict:
         )
     with open(path) as f:
         return json.load(f)
+
+
+def preprocessing_warning(record: dict, path: str | os.PathLike) -> str | None:
+    """A model trained with swapped ``pool_transforms`` records them in its network.json (``pool_transforms``, as
+    run_config.json describes them); inference.json, evaluate.json, MONAI Label and Deploy apply the default steps, so
+    its predictions would be made on inputs unlike its training ones: the text that says so, or None."""
+    if "pool_transforms" not in record:
+        return None
+    steps = ", ".join(step.get("_target_", "?").rsplit(".", 1)[-1] for step in record["pool_transforms"])
+    return (
+        f"{path}: this model was trained with its own pool_transforms ({steps}), but inference.json and the other "
+        "configs apply the default preprocessing (IntensityToRGBd, ResizePlanesd): change their 'preprocessing' "
+        "alike before trusting its predictions"
+    )
 
 
 def trained_image_size(network_config: str | os.PathLike) -> int:

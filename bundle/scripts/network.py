@@ -26,6 +26,8 @@ from torch import nn
 from transformers import Dinov2Config, Mask2FormerConfig, Mask2FormerForUniversalSegmentation
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerPixelDecoder
 
+logger = logging.getLogger(__name__)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -303,13 +305,17 @@ def _mask2former_config(**kwargs) -> Mask2FormerConfig:
 def network_from_file(path: str | os.PathLike, backbone_bf16: bool = False) -> Mask2FormerDinov2:
     """The network a run trained, rebuilt from the ``models/network.json`` it wrote (architecture only; load
     ``models/model.pt`` into it). Used by ``network_def`` in inference.json and evaluate.json. The keys that describe
-    the model rather than build it (``scripts.model_files.RECORD_KEYS``: training size, class names, run) are left out.
+    the model rather than build it (``scripts.model_files.RECORD_KEYS``: training size, class names, run, swapped
+    pool_transforms, which are warned about) are left out.
     ``backbone_bf16``: its gradient-free forwards run the backbone under bf16 autocast where supported (``forward``).
     """
-    from .model_files import RECORD_KEYS
+    from .model_files import RECORD_KEYS, preprocessing_warning
 
     with open(path) as f:
         spec = json.load(f)
+    warning = preprocessing_warning(spec, path)
+    if warning:
+        logger.warning("%s", warning)
     spec = {k: v for k, v in spec.items() if k not in RECORD_KEYS}
     spec.setdefault("feature_pyramid", "upsample_first")  # network.json of bundles before 0.4.0
     target = spec.pop("_target_", None)  # a subclass that the run's network_def named

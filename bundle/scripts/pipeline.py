@@ -960,7 +960,14 @@ class MedSMILEPipeline:
         it, its training size, class names and run; metadata.json with the run's values; model.ts), then published to
         model_path's folder (``models/``, what inference.json, MONAI Label and Deploy read). A model there from another
         run is moved to ``models/previous/<its fingerprint>/`` first (``scripts.model_files.publish_model``)."""
-        from .model_files import BUNDLE_METADATA, METADATA_FILE, label_names, publish_model, run_metadata
+        from .model_files import (
+            BUNDLE_METADATA,
+            METADATA_FILE,
+            label_names,
+            preprocessing_warning,
+            publish_model,
+            run_metadata,
+        )
 
         run_models = os.path.join(self.output_dir, "model")
         os.makedirs(run_models, exist_ok=True)
@@ -975,6 +982,10 @@ class MedSMILEPipeline:
         network_file = os.path.join(run_models, NETWORK_FILE)
         network = {"num_classes": self.num_classes, "encoder_config": encoder_config, **self._decoder_kwargs()}
         network.update(image_size=self.image_size, label_names=names, trained_by=trained_by)
+        steps = describe_part(self._parts["pool_transforms"])
+        if steps != describe_part(default_parts(self.cfg, ("pool_transforms",))["pool_transforms"]):
+            network["pool_transforms"] = steps  # the configs' preprocessing does not follow them: said on every load
+            logger.warning("%s", preprocessing_warning(network, network_file))
         write_json_atomic(network_file, network)
         with open(self.metadata_file or BUNDLE_METADATA) as f:
             metadata = run_metadata(json.load(f), self.num_classes, self.image_size, names)
