@@ -23,7 +23,7 @@ import numpy as np
 
 from benchmarks.paper import mean_std
 from benchmarks.suggest_final import scores
-from scripts.pipeline import ADDED_OPTIONS
+from scripts.pipeline import ADDED_OPTIONS, TRAINING_PARTS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IGNORED_KEYS = (
@@ -49,9 +49,16 @@ def load_variant(folder: str, dataset: str) -> dict:
 
 
 def changed_options(config: dict, baseline: dict) -> str:
-    """Options whose value differs; an option a run predates counts with the value that reproduces it."""
+    """Options whose value differs; an option a run predates counts with the value that reproduces it, and a training
+    part (``TRAINING_PARTS``: loss, optimizer, transforms...) that one run predates is compared only when both record
+    it (a run recorded before it was configuration trained with its default, as its resume assumes)."""
     config, baseline = {**ADDED_OPTIONS, **config}, {**ADDED_OPTIONS, **baseline}
-    keys = sorted(k for k in set(config) | set(baseline) if k not in IGNORED_KEYS and config.get(k) != baseline.get(k))
+    unshared = {k for k in TRAINING_PARTS if (k in config) != (k in baseline)}
+    keys = sorted(
+        k
+        for k in set(config) | set(baseline)
+        if k not in IGNORED_KEYS and k not in unshared and config.get(k) != baseline.get(k)
+    )
     return ", ".join(f"{k}={json.dumps(config.get(k))}" for k in keys) or "-"
 
 

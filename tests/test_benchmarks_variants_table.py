@@ -55,3 +55,9 @@ def test_variant_options_count_a_run_that_predates_an_option_at_its_old_value():
         'augmentation="strong"'
     )
     assert changed_options(dict(base), base) == "-"
+    # a training part one run predates (it trained with the default) is not a change; swapped in both, it is
+    parts = {**base, "optimizer": {"_target_": "torch.optim.AdamW"}}
+    assert changed_options(parts, base) == "-"
+    assert changed_options(parts, {**base, "optimizer": {"_target_": "torch.optim.SGD"}}) == (
+        'optimizer={"_target_": "torch.optim.AdamW"}'
+    )
