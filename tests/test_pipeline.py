@@ -391,6 +391,51 @@ def test_k_shot_references_leave_the_pool_and_keep_their_true_labels(tiny_encode
         assert torch.equal(refs[1]["label"].long(), expected.long())
 
 
+@pytest.mark.slow
+def test_an_all_background_reference_teaches_the_rounds_absence_and_stays_out_of_round_0(
+    tiny_encoder, png_dataset, tmp_path, monkeypatch
+):
+    """K-shot with an image marked "nothing here": round 0's labels are those of the other reference alone, and the
+    round trains on the marked image with its empty label. Background-only labels alone are refused by name."""
+    import scripts.pipeline as pipeline_module
+
+    data = png_dataset
+    normal = tmp_path / "normal"
+    normal.mkdir()
+    Image.fromarray(np.full((56, 56), 90, np.uint8)).save(normal / "normal.png")
+    Image.fromarray(np.zeros((56, 56), np.uint8)).save(normal / "normal_mask.png")
+    seen = []
+    real_train_round = pipeline_module.train_round
+
+    def spy(network, items, *args, **kwargs):
+        seen.append([item for item in items if item["index"] == -1])
+        return real_train_round(network, items, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "train_round", spy)
+    common = {"dataset_dir": data["dataset_dir"], "num_rounds": 1, "round_training": "pseudo_labels"}
+    run_medsmile(tiny_encoder, tmp_path / "one", reference_image=data["reference_image"],
+                 reference_label=data["reference_label"], **common)  # fmt: skip
+    run_medsmile(tiny_encoder, tmp_path / "two", reference_image=[data["reference_image"], str(normal / "normal.png")],
+                 reference_label=[data["reference_label"], str(normal / "normal_mask.png")], **common)  # fmt: skip
+    one, two = (sorted((tmp_path / run / "run" / "round_0" / "labels").iterdir()) for run in ("one", "two"))
+    assert [f.name for f in one] == [f.name for f in two] and len(one) == 6
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(one, two))  # round 0 ignores the empty reference
+    summary = json.loads((tmp_path / "two" / "run" / "summary.json").read_text())
+    assert summary["references"] == {"shown": 1, "empty": 1}
+    assert [len(refs) for refs in seen] == [1, 2]  # the first run's round, then the second's: both references
+    assert not seen[1][1]["label"].any()
+    # consistency rounds (the default) put both references in every batch
+    consistency = {**common, "round_training": "consistency"}
+    run_medsmile(tiny_encoder, tmp_path / "three", reference_image=[data["reference_image"], str(normal / "normal.png")],
+                 reference_label=[data["reference_label"], str(normal / "normal_mask.png")], **consistency)  # fmt: skip
+    assert (tmp_path / "three" / "run" / "round_1" / "model.pt").is_file()
+    with pytest.raises(Exception) as err:
+        run_medsmile(tiny_encoder, tmp_path / "none", reference_image=[str(normal / "normal.png")] * 2,
+                     reference_label=[str(normal / "normal_mask.png")] * 2, **common)  # fmt: skip
+    assert "every reference label is all background" in chain(err.value)
+    assert "at least one must show every class 0..1" in chain(err.value)
+
+
 @pytest.mark.parametrize("text, expected", [("null", None), ("None", None), (None, None), (0.5, 0.5), (2, 2.0)])
 def test_command_line_numbers_may_be_null(text, expected):
     from scripts.pipeline import as_optional_number

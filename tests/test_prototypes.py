@@ -97,6 +97,15 @@ def test_bad_reference_labels_are_rejected(values, message):
     assert message in str(err.value)
 
 
+def test_an_all_background_label_passes_only_where_allowed():
+    empty = torch.zeros(4, 4, dtype=torch.long)
+    check_reference_label(empty, 3, allow_empty=True)  # K-shot: an image marked "nothing here"
+    with pytest.raises(ValueError, match=r"classes \[1, 2\] are absent"):
+        check_reference_label(empty, 3)
+    with pytest.raises(ValueError, match=r"classes \[2\] are absent"):  # partly labelled: still every class or none
+        check_reference_label(torch.tensor([0, 1]), 3, allow_empty=True)
+
+
 def test_flip_averaged_multi_layer_features_match_hand_computation(tiny_encoder):
     from transformers import Dinov2Model
 

@@ -536,16 +536,27 @@ class MedSMILEPipeline:
 
     def _load_references(self) -> list[tuple[torch.Tensor, torch.Tensor, str]]:
         """Each reference as (image (C, X, Y) as stored, label (X, Y), name), checked against num_classes; the image
-        becomes a network input through the pool's steps (``_as_input``)."""
+        becomes a network input through the pool's steps (``_as_input``). In a K-shot list a label of background only
+        marks an image without the structure: the rounds train on it (absence taught by a true label), round 0 leaves
+        it out (its cells in the background prototype cost lesion Dice: benchmarks/results/round0_variants.md)."""
+        images, labels = _as_list(self.reference_image), _as_list(self.reference_label)
         refs = []
-        for image_path, label_path in zip(_as_list(self.reference_image), _as_list(self.reference_label), strict=True):
+        for image_path, label_path in zip(images, labels, strict=True):
             case, slices = read_planes(image_path, slice_axis=self.slice_axis)
             if case.is_volume:
                 raise ValueError(f"{image_path}: the reference must be a 2-D image (pick one slice of the volume)")
             label = read_label(label_path, case.spatial_shape, num_classes=self.num_classes)
             label = torch.as_tensor(label_slices(case, label)[0]).long()
-            check_reference_label(label, self.num_classes, name=f"reference label {label_path}")
+            name = f"reference label {label_path}"
+            check_reference_label(label, self.num_classes, name=name, allow_empty=len(images) > 1)
+            if not label.any():
+                logger.info("%s is all background: the rounds learn absence from it, round 0 uses the others", name)
             refs.append((slices[0], label, os.path.basename(image_path)))
+        if not any(label.any() for _, label, _ in refs):
+            raise ValueError(
+                f"every reference label is all background ({', '.join(map(str, labels))}): at least one must show "
+                f"every class 0..{self.num_classes - 1}"
+            )
         return refs
 
     def _as_input(self, image: torch.Tensor, size: int) -> torch.Tensor:
@@ -1112,7 +1123,9 @@ class MedSMILEPipeline:
         self.summary.update(pool={"cases": len(pool.cases), "images": len(pool), "skipped": pool.skipped})
         self.summary.update(processes=distributed.world_size())
         self.summary.update(backbone_bf16_active=self.backbone_bf16 and bf16_supported(self.device))
-        labels, feats, uncertainty = self._round0(encoder, refs, pool)
+        shown = [ref for ref in refs if ref[1].any()]  # "nothing here" references train the rounds only
+        self.summary.update(references={"shown": len(shown), "empty": len(refs) - len(shown)})
+        labels, feats, uncertainty = self._round0(encoder, shown, pool)
         del encoder
         for r in range(1, self.num_rounds + 1):
             labels, uncertainty = self._round(r, encoder_source, refs, pool, labels, feats, uncertainty)

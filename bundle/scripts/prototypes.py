@@ -17,14 +17,18 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 
-def check_reference_label(label: torch.Tensor, num_classes: int, name: str = "reference label") -> None:
-    """Every class 0..C-1 must be present and nothing else: a prototype needs at least one pixel of its class."""
+def check_reference_label(
+    label: torch.Tensor, num_classes: int, name: str = "reference label", allow_empty: bool = False
+) -> None:
+    """Every class 0..C-1 must be present and nothing else: a prototype needs at least one pixel of its class.
+    ``allow_empty``: an all-background label passes too (K-shot: an image marked "nothing here", which the rounds
+    learn absence from and round 0 leaves out)."""
     values = torch.unique(label).tolist()
     outside = [v for v in values if v < 0 or v >= num_classes]
     if outside:
         raise ValueError(f"{name}: values {outside} are outside 0..{num_classes - 1} (num_classes={num_classes})")
     missing = [c for c in range(num_classes) if c not in values]
-    if missing:
+    if missing and not (allow_empty and values == [0]):
         raise ValueError(f"{name}: classes {missing} are absent; every class 0..{num_classes - 1} must appear")
 
 
