@@ -78,8 +78,12 @@ def load_profile(name: str) -> dict:
         return json.load(f)
 
 
-def choose_split(data_root: str, dataset: str, seed: int, pool_size: int, test_size: int | None) -> dict:
-    """Seeded reference (a train image whose mask is not empty), pool (train subsample) and test lists."""
+def choose_split(
+    data_root: str, dataset: str, seed: int, pool_size: int, test_size: int | None, empty_references: int = 0
+) -> dict:
+    """Seeded reference (a train image whose mask is not empty), pool (train subsample) and test lists.
+    ``empty_references``: that many more train images whose mask IS empty, labelled "nothing here" (K-shot), taken
+    from outside the pool in the same seeded order, so that the pool and reference stay those of the run without."""
     with open(os.path.join(data_root, "splits.json")) as f:
         splits = json.load(f)
     spec = DATASETS[dataset]
@@ -98,7 +102,17 @@ def choose_split(data_root: str, dataset: str, seed: int, pool_size: int, test_s
     for subset in spec["test"]:
         stems = splits[subset]["test"]
         tests[subset] = stems[:test_size] if test_size else stems
-    return {"reference": reference, "pool": pool, "tests": tests}
+    split = {"reference": reference, "pool": pool, "tests": tests}
+    if empty_references:  # only then a key: the records of runs without stay valid
+        outside = rest[len(pool) :]
+        empty = [c for c in outside if not read_label(mask_path(data_root, *c), num_classes=2).any()]
+        if len(empty) < empty_references:
+            raise ValueError(
+                f"{dataset}: {empty_references} empty references asked for, but only {len(empty)} train images "
+                "outside the pool have an empty mask"
+            )
+        split["empty_references"] = empty[:empty_references]
+    return split
 
 
 def suggested_split(split: dict, data_root: str, profile: str, out_dir: str, seed: int, overrides: dict) -> dict:
@@ -139,13 +153,14 @@ def run_medsmile(profile: str, out_dir: str, data_root: str, split: dict, overri
     os.makedirs(out_dir, exist_ok=True)
     datalist = os.path.join(out_dir, "datalist.json")
     write_datalist(datalist, data_root, split["pool"])
-    subset, stem = split["reference"]
+    references = [split["reference"], *split.get("empty_references", [])]
+    images, labels = [image_path(data_root, *c) for c in references], [mask_path(data_root, *c) for c in references]
     configs = f"['configs/medsmile.json','configs/profiles/{profile}.json']"
     args = {
         "datalist": datalist,
         "dataset_dir": os.path.abspath(data_root),
-        "reference_image": image_path(data_root, subset, stem),
-        "reference_label": mask_path(data_root, subset, stem),
+        "reference_image": images if len(images) > 1 else images[0],  # a list: K-shot, the empty ones "nothing here"
+        "reference_label": labels if len(labels) > 1 else labels[0],
         "output_dir": os.path.join(out_dir, "run"),
         "model_path": os.path.join(out_dir, "models", "model.pt"),
         **overrides,
@@ -420,6 +435,13 @@ def markdown(results: dict, profile: str, command: str) -> str:
         refs = ", ".join(f"seed {run['seed']}: {run['reference']}" for run in res["runs"])
         choice = res["runs"][0].get("reference_choice", "random")
         notes.append(f"Labelled reference ({choice}): {refs}.")
+        empties = "; ".join(
+            f"seed {run['seed']}: {', '.join(run['empty_references'])}"
+            for run in res["runs"]
+            if "empty_references" in run
+        )
+        if empties:
+            notes.append(f'References labelled "nothing here" (empty masks, K-shot): {empties}.')
         lines += [""] + notes + [""]
         if "timing" in res:  # absent when only the ceiling ran
             t = res["timing"]
@@ -500,6 +522,12 @@ def main(argv=None) -> None:
     parser.add_argument("--pool_size", type=int, help="pool images per run, instead of the profile's benchmark value")
     parser.add_argument("--test_size", type=int, help="images per test split, instead of the profile's benchmark value")
     parser.add_argument(
+        "--empty_references",
+        type=int,
+        default=0,
+        help="K-shot: also give this many train images with an empty mask as 'nothing here' references (issue 36)",
+    )
+    parser.add_argument(
         "--set",
         nargs="*",
         action="extend",  # --set a=1 --set b=2 keeps both (the default "store" kept only the last)
@@ -519,6 +547,7 @@ def main(argv=None) -> None:
         args.profile
         + ("_suggested" if args.reference == "suggested" else "")
         + "".join(f"_{k.split('_')[0]}-{v}" for k, v in sizes.items())
+        + (f"_empty-{args.empty_references}" if args.empty_references else "")
         + "".join(f"_{k}-{os.path.basename(str(v))}" for k, v in extra.items())
     )
     out_root = os.path.join(args.results_dir, tag)
@@ -528,7 +557,9 @@ def main(argv=None) -> None:
     for dataset in args.dataset:
         runs, timings = [], []
         for seed in args.seeds:
-            split = choose_split(args.data_root, dataset, seed, bench.get("pool_size"), bench.get("test_size"))
+            split = choose_split(
+                args.data_root, dataset, seed, bench.get("pool_size"), bench.get("test_size"), args.empty_references
+            )
             if args.reference == "suggested":
                 split = suggested_split(
                     split,
@@ -547,6 +578,8 @@ def main(argv=None) -> None:
                 timings += [saved["summary"]] if saved["summary"] else []
                 continue
             run = {"seed": seed, "reference": "/".join(split["reference"]), "reference_choice": args.reference}
+            if "empty_references" in split:
+                run["empty_references"] = ["/".join(c) for c in split["empty_references"]]
             medsmile_summary = None
             medsmile_dir = os.path.join(seed_dir, "medsmile")
             if not needs_run(cfg):

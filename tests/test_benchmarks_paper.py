@@ -75,6 +75,51 @@ def test_benchmark_smoke_profile_writes_its_table(tiny_encoder, tmp_path, monkey
     assert "| busi | " in (out / "flip_inference_busi.md").read_text()
 
 
+def empty_masks_outside_the_pool(data_root, pool_size):
+    """Blank the masks of the train images that seed 0 leaves outside a pool of ``pool_size``; returns them."""
+    split = paper.choose_split(str(data_root), "busi", 0, pool_size, None)
+    train = json.loads((data_root / "splits.json").read_text())["busi"]["train"]
+    outside = [stem for stem in train if ("busi", stem) not in [split["reference"], *split["pool"]]]
+    for stem in outside:
+        Image.fromarray(np.zeros((40, 48), np.uint8)).save(data_root / "busi" / "masks" / f"{stem}.png")
+    return split, outside
+
+
+def test_empty_references_come_from_outside_the_pool_in_seeded_order(tmp_path):
+    data_root = fake_data_root(tmp_path / "data", n_train=8)
+    before, outside = empty_masks_outside_the_pool(data_root, pool_size=3)
+    assert "empty_references" not in before  # the records of runs without keep their key
+    split = paper.choose_split(str(data_root), "busi", 0, 3, None, empty_references=2)
+    assert (split["reference"], split["pool"]) == (before["reference"], before["pool"])
+    assert len(split["empty_references"]) == 2 and {s for _, s in split["empty_references"]} <= set(outside)
+    order = [c for c in paper.choose_split(str(data_root), "busi", 0, None, None)["pool"] if c[1] in outside]
+    assert split["empty_references"] == order[:2]  # the seeded order of the train images
+    with pytest.raises(ValueError, match="busi: 5 empty references asked for, but only 4 train images outside"):
+        paper.choose_split(str(data_root), "busi", 0, 3, None, empty_references=5)
+
+
+@pytest.mark.slow
+def test_a_benchmark_with_an_empty_reference_runs_it_as_k_shot(tiny_encoder, tmp_path):
+    data_root = fake_data_root(tmp_path / "data", n_train=8)
+    empty_masks_outside_the_pool(data_root, pool_size=3)
+    results = tmp_path / "results"
+    paper.main(
+        [
+            "--profile", "smoke", "--dataset", "busi", "--seeds", "0", "--pool_size", "3", "--variants", "medsmile",
+            "--data_root", str(data_root), "--results_dir", str(results), "--empty_references", "1",
+            "--set", f'encoder_weights="{tiny_encoder}"',
+        ]
+    )  # fmt: skip
+    out = results / f"smoke_pool-3_empty-1_encoder_weights-{os.path.basename(tiny_encoder)}"
+    run = json.loads((out / "busi.json").read_text())["runs"][0]
+    summary = json.loads((out / "busi" / "seed0" / "medsmile" / "run" / "summary.json").read_text())
+    assert summary["references"] == {"shown": 1, "empty": 1} and summary["pool"]["images"] == 3
+    assert len(run["empty_references"]) == 1
+    assert f'References labelled "nothing here" (empty masks, K-shot): seed 0: {run["empty_references"][0]}.' in (
+        (out / "busi.md").read_text()
+    )
+
+
 @pytest.mark.slow
 def test_an_interrupted_benchmark_keeps_the_seeds_it_finished(tiny_encoder, tmp_path, monkeypatch):
     data_root = fake_data_root(tmp_path / "data")
