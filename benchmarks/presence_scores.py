@@ -17,11 +17,10 @@ import argparse
 import json
 import os
 
-import numpy as np
 import torch
 from monai.metrics import compute_roc_auc
 
-from benchmarks.paper import choose_split, image_path, mask_path  # first: benchmarks.paper puts bundle/ on sys.path
+from benchmarks.paper import choose_split, image_path, mask_path, mean_std  # first: benchmarks.paper puts bundle/ on sys.path
 from scripts.atomic_files import write_json_atomic
 from scripts.image_io import read_case, read_label
 from scripts.network import network_from_file
@@ -79,11 +78,6 @@ def separation(rows: list[dict]) -> dict:
     return result
 
 
-def mean_std(seeds: dict, key: str) -> str:
-    values = [s[key] for s in seeds.values()]
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
-
-
 def write_markdown(results: dict, path: str) -> None:
     lines = [
         "### Image-level presence scores of trained rounds (issue 36)",
@@ -104,9 +98,8 @@ def write_markdown(results: dict, path: str) -> None:
     for entry in results.values():
         seeds = entry["seeds"]
         counts = [sum(s[k] for s in seeds.values()) for k in ("empty_images", "nonempty_images")]
-        cells = [
-            mean_std(seeds, k) for k in (*(f"auroc_{k}" for k in SCORES), "argmax_specificity", "argmax_sensitivity")
-        ]
+        keys = (*(f"auroc_{k}" for k in SCORES), "argmax_specificity", "argmax_sensitivity")
+        cells = [mean_std([s[k] for s in seeds.values()]) for k in keys]
         lines.append(
             f"| `{entry['runs']}` | {entry['dataset']} | {', '.join(seeds)} | {counts[0]} / {counts[1]} | "
             + " | ".join(cells)
