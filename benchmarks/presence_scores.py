@@ -20,7 +20,12 @@ import os
 import torch
 from monai.metrics import compute_roc_auc
 
-from benchmarks.paper import choose_split, image_path, mask_path, mean_std  # first: benchmarks.paper puts bundle/ on sys.path
+from benchmarks.paper import (  # first: benchmarks.paper puts bundle/ on sys.path
+    choose_split,
+    image_path,
+    mask_path,
+    mean_std,
+)
 from scripts.atomic_files import write_json_atomic
 from scripts.image_io import read_case, read_label
 from scripts.network import network_from_file
