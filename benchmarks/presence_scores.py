@@ -125,7 +125,8 @@ def main(argv=None) -> dict:
     with open(os.path.join(args.runs, f"{args.dataset}.json")) as f:
         bench = json.load(f)
     seeds = args.seeds if args.seeds is not None else bench["seeds"]
-    entry = {"runs": os.path.relpath(args.runs, os.path.dirname(RESULTS)), "dataset": args.dataset, "seeds": {}}
+    # the results folder's tag (benchmarks.paper's runs may live outside the repository: --results_dir)
+    entry = {"runs": os.path.basename(os.path.normpath(args.runs)), "dataset": args.dataset, "seeds": {}}
     for seed in seeds:
         split = choose_split(args.data_root, args.dataset, seed, bench["pool_size"], bench.get("test_size"))
         rows = score_run(
