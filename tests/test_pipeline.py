@@ -349,11 +349,25 @@ def test_suggest_command_ranks_the_pool_through_medsmile_json(tiny_encoder, png_
     assert Image.open(tmp_path / "out" / "suggestions" / "preview.png").size[0] > 0
 
 
+def reference_items_per_round(monkeypatch) -> list:
+    """Each round's training items of the references (index -1), as ``train_round`` receives them."""
+    import scripts.pipeline as pipeline_module
+
+    seen = []
+    real_train_round = pipeline_module.train_round
+
+    def spy(network, items, *args, **kwargs):
+        seen.append([item for item in items if item["index"] == -1])
+        return real_train_round(network, items, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "train_round", spy)
+    return seen
+
+
 @pytest.mark.slow
 def test_k_shot_references_leave_the_pool_and_keep_their_true_labels(tiny_encoder, png_dataset, tmp_path, monkeypatch):
     """K = 2: the second labelled image is a pool file; it must leave the pool (no pseudo-label is ever written for
     it) and every round must train on it with its true mask."""
-    import scripts.pipeline as pipeline_module
 
     data = png_dataset
     rng = np.random.default_rng(5)
@@ -363,14 +377,7 @@ def test_k_shot_references_leave_the_pool_and_keep_their_true_labels(tiny_encode
     Image.fromarray(image).save(os.path.join(data["dataset_dir"], "img_extra.png"))
     (data["root"] / "labels").mkdir()
     Image.fromarray(mask * 255).save(data["root"] / "labels" / "img_extra_mask.png")
-    seen = []
-    real_train_round = pipeline_module.train_round
-
-    def spy(network, items, *args, **kwargs):
-        seen.append([item for item in items if item["index"] == -1])
-        return real_train_round(network, items, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline_module, "train_round", spy)
+    seen = reference_items_per_round(monkeypatch)
     run_medsmile(
         tiny_encoder,
         tmp_path,
@@ -397,21 +404,13 @@ def test_an_all_background_reference_teaches_the_rounds_absence_and_stays_out_of
 ):
     """K-shot with an image marked "nothing here": round 0's labels are those of the other reference alone, and the
     round trains on the marked image with its empty label. Background-only labels alone are refused by name."""
-    import scripts.pipeline as pipeline_module
 
     data = png_dataset
     normal = tmp_path / "normal"
     normal.mkdir()
     Image.fromarray(np.full((56, 56), 90, np.uint8)).save(normal / "normal.png")
     Image.fromarray(np.zeros((56, 56), np.uint8)).save(normal / "normal_mask.png")
-    seen = []
-    real_train_round = pipeline_module.train_round
-
-    def spy(network, items, *args, **kwargs):
-        seen.append([item for item in items if item["index"] == -1])
-        return real_train_round(network, items, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline_module, "train_round", spy)
+    seen = reference_items_per_round(monkeypatch)
     common = {"dataset_dir": data["dataset_dir"], "num_rounds": 1, "round_training": "pseudo_labels"}
     run_medsmile(tiny_encoder, tmp_path / "one", reference_image=data["reference_image"],
                  reference_label=data["reference_label"], **common)  # fmt: skip
