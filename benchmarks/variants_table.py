@@ -26,8 +26,9 @@ from benchmarks.suggest_final import scores
 from scripts.pipeline import ADDED_OPTIONS, TRAINING_PARTS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IGNORED_KEYS = (
+IGNORED_KEYS = (  # not options of the run; augmentation_presets is the menu, train_transforms the dish (compared)
     "hyperparameter_notes",
+    "augmentation_presets",
     "seed",
     "pipeline",
     "output_dir",
