@@ -26,7 +26,7 @@ from benchmarks.suggest_final import scores
 from scripts.pipeline import ADDED_OPTIONS, TRAINING_PARTS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IGNORED_KEYS = (  # not options of the run; augmentation_presets is the menu, train_transforms the dish (compared)
+IGNORED_KEYS = (  # not options of a run; augmentation_presets is a menu of lists, train_transforms (compared) the one used
     "hyperparameter_notes",
     "augmentation_presets",
     "seed",
